@@ -1,0 +1,12 @@
+"""distsave: train under a distribution strategy, save once, load anywhere."""
+
+from . import data, strategies
+from .data import datasets
+from .strategies import MirroredStrategy, OneDeviceStrategy, ReduceOp, Strategy, get_strategy
+from .training import Callback, History, Model, Sequential, TensorSpec, losses, metrics
+
+__version__ = "0.1.0"
+
+__all__ = ["Callback", "History", "MirroredStrategy", "Model", "OneDeviceStrategy", "ReduceOp",
+           "Sequential", "Strategy", "TensorSpec", "__version__", "data", "datasets", "get_strategy",
+           "losses", "metrics", "strategies"]

@@ -1,0 +1,8 @@
+"""Input pipelines and bundled datasets."""
+
+from . import datasets
+from .dataset import Dataset, Table
+from .info import DatasetInfo, FeatureInfo
+from .mnist import DatasetFileError
+
+__all__ = ["Dataset", "DatasetFileError", "DatasetInfo", "FeatureInfo", "Table", "datasets"]

@@ -1,0 +1,310 @@
+"""A small `tf.data`-style input pipeline over tensors.
+
+Elements are tensors or tuples/dicts of tensors. Pipelines whose elements are still rows of
+in-memory tensors (slices, `cache`, `shuffle`, `take`) are kept as a *table* — the tensors plus
+an index order — so that `batch` gathers whole batches with one indexing call instead of
+stacking Python objects, and so that the trainer can move the table to a device once.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["Dataset", "Table"]
+
+Element = Any
+
+
+@dataclass(frozen=True)
+class Table:
+    """Rows of in-memory tensors in a given order: element ``i`` is ``tensors[order[i]]``."""
+
+    tensors: Element
+    order: torch.Tensor
+
+    def gather(self, rows: torch.Tensor) -> Element:
+        return pytree.tree_map(lambda t: t[rows], self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def _check_structure(element: Element) -> None:
+    leaves, _ = pytree.tree_flatten(element)
+    if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+        raise TypeError(
+            "Expected dataset elements made of torch.Tensors (a tensor, or a tuple/dict of "
+            f"tensors). Received: {type(element).__name__} with leaves "
+            f"{[type(leaf).__name__ for leaf in leaves]}. Convert arrays with torch.as_tensor."
+        )
+
+
+def _stack(elements: list[Element]) -> Element:
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *elements)
+
+
+class Dataset:
+    """An iterable pipeline of elements, built with chained methods as in `tf.data`.
+
+    Example:
+        >>> ds = Dataset.from_tensor_slices((torch.zeros(10, 3), torch.arange(10)))
+        >>> [x.shape for x, y in ds.shuffle(10, seed=0).batch(4)]
+        [torch.Size([4, 3]), torch.Size([4, 3]), torch.Size([2, 3])]
+    """
+
+    # -- constructors -------------------------------------------------------------------
+    @staticmethod
+    def from_tensor_slices(tensors: Element) -> Dataset:
+        """Make a dataset whose elements are the slices of ``tensors`` along dimension 0."""
+        tensors = pytree.tree_map(torch.as_tensor, tensors)
+        _check_structure(tensors)
+        lengths = {len(t) for t in pytree.tree_leaves(tensors)}
+        if len(lengths) != 1:
+            raise ValueError(
+                "Expected tensors with the same first dimension in from_tensor_slices. "
+                f"Received first dimensions {sorted(lengths)}."
+            )
+        return _Slices(tensors, lengths.pop())
+
+    # -- transformations ----------------------------------------------------------------
+    def map(self, fn: Callable[..., Element]) -> Dataset:
+        """Apply ``fn`` to every element; tuple elements are unpacked into arguments."""
+        return _Map(self, fn)
+
+    def cache(self) -> Dataset:
+        """Keep the elements in memory after the first pass, so ``map`` runs once."""
+        return _Cache(self)
+
+    def shuffle(self, buffer_size: int, seed: int | None = None) -> Dataset:
+        """Shuffle through a buffer of ``buffer_size`` elements, afresh on every pass."""
+        if buffer_size < 1:
+            raise ValueError(f"Expected buffer_size >= 1. Received: buffer_size={buffer_size}.")
+        return _Shuffle(self, buffer_size, seed)
+
+    def batch(self, batch_size: int, drop_remainder: bool = False) -> Dataset:
+        """Stack consecutive elements into batches of ``batch_size`` (last one may be smaller)."""
+        if batch_size < 1:
+            raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}.")
+        return _Batch(self, batch_size, drop_remainder)
+
+    def take(self, count: int) -> Dataset:
+        """Keep at most the first ``count`` elements."""
+        return _Take(self, count)
+
+    def prefetch(self, buffer_size: int = 2) -> Dataset:
+        """Prepare up to ``buffer_size`` elements ahead in a background thread."""
+        return _Prefetch(self, max(1, buffer_size))
+
+    # -- iteration ----------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Element]:
+        return self.iterate(seed=random.getrandbits(63))
+
+    def iterate(self, seed: int) -> Iterator[Element]:
+        """Iterate with ``seed`` driving unseeded shuffles; replicas pass the same seed."""
+        table = self.table(seed)
+        if table is not None:
+            return (table.gather(i) for i in table.order)
+        return self._elements(seed)
+
+    def table(self, seed: int) -> Table | None:
+        """This pass's rows as a `Table`, or None where elements are computed on the fly."""
+        return None
+
+    def __len__(self) -> int:
+        n = self.cardinality()
+        if n is None:
+            raise TypeError("The length of this dataset is unknown before it is iterated.")
+        return n
+
+    def cardinality(self) -> int | None:
+        """Number of elements, or None when unknown."""
+        return None
+
+    def _elements(self, seed: int) -> Iterator[Element]:
+        raise NotImplementedError
+
+
+class _Slices(Dataset):
+    def __init__(self, tensors: Element, length: int):
+        self._tensors = tensors
+        self._length = length
+
+    def table(self, seed: int) -> Table:
+        return Table(self._tensors, torch.arange(self._length))
+
+    def cardinality(self) -> int:
+        return self._length
+
+
+class _Map(Dataset):
+    def __init__(self, parent: Dataset, fn: Callable[..., Element]):
+        self._parent, self._fn = parent, fn
+
+    def _elements(self, seed: int) -> Iterator[Element]:
+        for element in self._parent.iterate(seed):
+            out = self._fn(*element) if isinstance(element, tuple) else self._fn(element)
+            _check_structure(out)
+            yield out
+
+    def cardinality(self) -> int | None:
+        return self._parent.cardinality()
+
+
+class _Cache(Dataset):
+    def __init__(self, parent: Dataset):
+        self._parent = parent
+        self._table: Table | None = None
+
+    def table(self, seed: int) -> Table:
+        if self._table is None:
+            elements = list(self._parent.iterate(seed))
+            if not elements:
+                raise ValueError("Cannot cache an empty dataset.")
+            stacked = _stack(elements)
+            self._table = Table(stacked, torch.arange(len(elements)))
+        return self._table
+
+    def cardinality(self) -> int | None:
+        return len(self._table) if self._table is not None else self._parent.cardinality()
+
+
+class _Shuffle(Dataset):
+    def __init__(self, parent: Dataset, buffer_size: int, seed: int | None):
+        self._parent, self._buffer_size, self._seed = parent, buffer_size, seed
+        self._passes = 0
+
+    def _generator(self, seed: int) -> random.Random:
+        base = seed if self._seed is None else self._seed
+        self._passes += 1
+        return random.Random(base * 1_000_003 + self._passes)
+
+    def table(self, seed: int) -> Table | None:
+        parent = self._parent.table(seed)
+        if parent is None:
+            return None
+        positions = _buffered_shuffle(range(len(parent)), self._buffer_size, self._generator(seed))
+        return Table(parent.tensors, parent.order[torch.tensor(positions, dtype=torch.long)])
+
+    def _elements(self, seed: int) -> Iterator[Element]:
+        return iter(_buffered_shuffle(self._parent.iterate(seed), self._buffer_size,
+                                      self._generator(seed)))
+
+    def cardinality(self) -> int | None:
+        return self._parent.cardinality()
+
+
+def _buffered_shuffle(items, buffer_size: int, rng: random.Random) -> list:
+    """tf.data's shuffle: fill a buffer, then emit a random buffered item per new item."""
+    buffer, out = [], []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(buffer_size)
+        out.append(buffer[j])
+        buffer[j] = item
+    rng.shuffle(buffer)
+    out.extend(buffer)
+    return out
+
+
+class _Batch(Dataset):
+    def __init__(self, parent: Dataset, batch_size: int, drop_remainder: bool):
+        self._parent, self.batch_size, self._drop = parent, batch_size, drop_remainder
+
+    def row_batches(self, seed: int) -> tuple[Table, list[torch.Tensor]] | None:
+        """The parent's rows and this pass's index batches, or None if not table-backed."""
+        parent = self._parent.table(seed)
+        if parent is None:
+            return None
+        batches = list(torch.split(parent.order, self.batch_size))
+        if self._drop and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return parent, batches
+
+    def iterate(self, seed: int) -> Iterator[Element]:
+        rows = self.row_batches(seed)
+        if rows is not None:
+            table, batches = rows
+            return (table.gather(b) for b in batches)
+        return self._elements(seed)
+
+    def _elements(self, seed: int) -> Iterator[Element]:
+        pending: list[Element] = []
+        for element in self._parent.iterate(seed):
+            pending.append(element)
+            if len(pending) == self.batch_size:
+                yield _stack(pending)
+                pending = []
+        if pending and not self._drop:
+            yield _stack(pending)
+
+    def cardinality(self) -> int | None:
+        n = self._parent.cardinality()
+        if n is None:
+            return None
+        return n // self.batch_size if self._drop else -(-n // self.batch_size)
+
+
+class _Take(Dataset):
+    def __init__(self, parent: Dataset, count: int):
+        self._parent, self._count = parent, count
+
+    def table(self, seed: int) -> Table | None:
+        parent = self._parent.table(seed)
+        return None if parent is None else Table(parent.tensors, parent.order[: self._count])
+
+    def _elements(self, seed: int) -> Iterator[Element]:
+        for i, element in enumerate(self._parent.iterate(seed)):
+            if i >= self._count:
+                return
+            yield element
+
+    def cardinality(self) -> int | None:
+        n = self._parent.cardinality()
+        return None if n is None else min(n, self._count)
+
+
+class _Prefetch(Dataset):
+    _DONE = object()
+
+    def __init__(self, parent: Dataset, buffer_size: int):
+        self._parent, self._buffer_size = parent, buffer_size
+
+    def row_batches(self, seed: int):
+        rows = getattr(self._parent, "row_batches", None)
+        return rows(seed) if rows else None
+
+    def _elements(self, seed: int) -> Iterator[Element]:
+        slots: queue.Queue = queue.Queue(self._buffer_size)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for element in self._parent.iterate(seed):
+                    if stop.is_set():
+                        return
+                    slots.put(element)
+                slots.put(self._DONE)
+            except BaseException as error:  # handed to the consumer, re-raised there
+                slots.put(error)
+
+        threading.Thread(target=produce, daemon=True).start()
+        try:
+            while (item := slots.get()) is not self._DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def cardinality(self) -> int | None:
+        return self._parent.cardinality()

@@ -1,0 +1,9 @@
+"""Distribution strategies: where replicas run and how they agree."""
+
+from .base import DistributedDataset, ReduceOp, Strategy, get_strategy, has_strategy
+from .devices import parse_device
+from .mirrored import MirroredStrategy
+from .one_device import OneDeviceStrategy
+
+__all__ = ["DistributedDataset", "MirroredStrategy", "OneDeviceStrategy", "ReduceOp", "Strategy",
+           "get_strategy", "has_strategy", "parse_device"]

@@ -1,0 +1,146 @@
+"""MirroredStrategy: synchronous data parallelism, one process per replica, DDP underneath."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .base import Strategy
+from .devices import parse_device
+from .launcher import launch_replicas, launched_by_torchrun_or_distsave
+
+__all__ = ["MirroredStrategy"]
+
+logger = logging.getLogger(__name__)
+
+
+def _replica_devices(devices: list[str] | None, world_size: int | None) -> list[torch.device]:
+    if devices is not None:
+        if not devices:
+            raise ValueError("Expected at least one device in MirroredStrategy(devices=[...]).")
+        parsed = [parse_device(d) for d in devices]
+        kinds = {d.type for d in parsed}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"MirroredStrategy replicas must all be CPUs or all be GPUs. Received: {devices}. "
+                "Use devices=['cpu', 'cpu'] or devices=['cuda:0', 'cuda:1']."
+            )
+        gpus = [d for d in parsed if d.type == "cuda"]
+        if len(set(gpus)) != len(gpus):
+            raise ValueError(f"Each GPU may hold one replica. Received: {devices}.")
+        return parsed
+    if world_size is not None:  # started by torchrun: one replica per process
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))  # many machines: index by local rank
+            return [torch.device("cuda", local)] * world_size
+        return [torch.device("cpu")] * world_size
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
+class MirroredStrategy(Strategy):
+    """Synchronous training over several replicas of the model, one process each.
+
+    Started as a plain ``python script.py``, it launches the other replica processes itself
+    (they run the same command); started by ``torchrun``, it joins torchrun's processes.
+    Gradients are averaged with DDP: NCCL on GPUs, gloo on CPUs.
+
+    Args:
+        devices: Replica devices, all CPUs or all GPUs (``["cpu", "cpu"]``,
+            ``["cuda:0", "/gpu:1"]``). Default: every local GPU, or one CPU replica.
+        timeout: How long a collective may wait for a peer before failing.
+
+    Raises:
+        ValueError: a device does not exist, or the list mixes CPUs and GPUs, or the
+            list's length differs from the number of processes torchrun started.
+
+    Example:
+        >>> strategy = MirroredStrategy(devices=["cpu"])
+        >>> strategy.num_replicas_in_sync
+        1
+    """
+
+    def __init__(self, devices: list[str] | None = None,
+                 timeout: datetime.timedelta = datetime.timedelta(minutes=10)):
+        external = launched_by_torchrun_or_distsave()
+        world = int(os.environ["WORLD_SIZE"]) if external else None
+        replica_devices = _replica_devices(devices, world)
+        if world is not None and len(replica_devices) != world:
+            raise ValueError(
+                f"MirroredStrategy was given {len(replica_devices)} devices but {world} processes "
+                "were started (WORLD_SIZE). Pass as many devices as processes, or devices=None."
+            )
+        self.num_replicas_in_sync = len(replica_devices)
+        if not external and self.num_replicas_in_sync > 1:
+            launch_replicas(self.num_replicas_in_sync)
+            external = True
+        self.replica_id = int(os.environ["RANK"]) if external else 0
+        self.device = replica_devices[self.replica_id]
+        self._backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.num_replicas_in_sync))
+        self._group = self._join_group(external, timeout)
+
+    def _join_group(self, external: bool, timeout: datetime.timedelta) -> dist.ProcessGroup:
+        if dist.is_initialized():
+            if dist.get_world_size() != self.num_replicas_in_sync:
+                raise RuntimeError(
+                    f"A process group of {dist.get_world_size()} processes already exists; "
+                    f"MirroredStrategy needs {self.num_replicas_in_sync}. Use one replica count "
+                    "per program."
+                )
+            if dist.get_backend() == self._backend:
+                return dist.group.WORLD
+            return dist.new_group(backend=self._backend)
+        if external:
+            dist.init_process_group(self._backend, timeout=timeout)
+        else:
+            dist.init_process_group(self._backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        return dist.group.WORLD
+
+    def __repr__(self) -> str:
+        return f"MirroredStrategy(replicas={self.num_replicas_in_sync}, device={self.device})"
+
+    def barrier(self) -> None:
+        if self._backend == "nccl":
+            dist.barrier(group=self._group, device_ids=[self.device.index])
+        else:
+            dist.barrier(group=self._group)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._group, device=self.device)
+        return box[0]
+
+    def prepare_for_training(self, module: nn.Module) -> nn.Module:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, process_group=self._group)
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, group=self._group)
+        return out
+
+    def _all_gather(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        tensor = tensor.movedim(axis, 0).contiguous()
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device)
+                 for _ in range(self.num_replicas_in_sync)]
+        dist.all_gather(sizes, torch.tensor([len(tensor)], device=self.device), group=self._group)
+        longest = int(max(s.item() for s in sizes))
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=self._group)
+        whole = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+        return whole.movedim(0, axis)

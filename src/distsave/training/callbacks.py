@@ -1,0 +1,92 @@
+"""Callbacks: hooks that `fit` calls; History and the progress bar are callbacks too."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+__all__ = ["Callback", "History", "ProgressBar"]
+
+Logs = dict[str, Any]
+
+
+class Callback:
+    """Override the hooks you need. ``logs`` values may be device tensors; read them sparingly."""
+
+    model: Any = None
+    params: dict[str, Any] = {}
+
+    def set_model(self, model: Any) -> None:
+        self.model = model
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """``epochs``, ``steps`` (per epoch) and ``verbose`` of the running ``fit``."""
+        self.params = params
+
+    def on_train_begin(self, logs: Logs | None = None) -> None: ...
+    def on_train_end(self, logs: Logs | None = None) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None: ...
+    def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None: ...
+
+
+class History(Callback):
+    """Per-epoch metric values, as floats: ``history.history["loss"]``."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {}
+        self.epoch: list[int] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.append(epoch)
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+
+
+def _format(logs: Logs) -> str:
+    return " - ".join(f"{k}: {float(v):.4f}" for k, v in logs.items())
+
+
+class ProgressBar(Callback):
+    """A Keras-style line per epoch: ``938/938 [====] - 3s 3ms/step - loss: 0.19 - accuracy: 0.94``.
+
+    Metric tensors are read (a device sync) at most once per ``interval`` seconds, never per step.
+    """
+
+    def __init__(self, interval: float | None = None):
+        self.interval = interval if interval is not None else (0.25 if sys.stdout.isatty() else 30.0)
+        self._bar: tqdm | None = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        print(f"Epoch {epoch + 1}/{self.params['epochs']}", flush=True)
+        self._start = self._last = time.monotonic()
+        self._bar = tqdm(total=self.params.get("steps"), file=sys.stdout, ascii=".=",
+                         mininterval=self.interval, delay=min(self.interval, 1.0),
+                         bar_format="{n_fmt}/{total_fmt} [{bar:30}] - {elapsed_s:.0f}s {desc}")
+
+    def _postfix(self, steps: int, logs: Logs) -> str:
+        per_step = (time.monotonic() - self._start) / max(steps, 1)
+        return f"{per_step * 1000:.0f}ms/step - {_format(logs)}"
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._bar.set_description_str(self._postfix(batch + 1, logs or {}), refresh=False)
+        self._bar.update(1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._bar.set_description_str(self._postfix(self._bar.n, logs or {}), refresh=False)
+        self._bar.refresh()
+        self._bar.close()
+
+
+def read_logs(logs: Logs) -> dict[str, float]:
+    """Floats from possibly-device tensors (one sync for the lot)."""
+    tensors = {k: v for k, v in logs.items() if isinstance(v, torch.Tensor)}
+    values = torch.stack([t.detach().double().cpu() for t in tensors.values()]).tolist() if tensors else []
+    return {**logs, **dict(zip(tensors, values))}
