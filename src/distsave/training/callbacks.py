@@ -54,35 +54,48 @@ def _format(logs: Logs) -> str:
 class ProgressBar(Callback):
     """A Keras-style line per epoch: ``938/938 [====] - 3s 3ms/step - loss: 0.19 - accuracy: 0.94``.
 
-    Metric tensors are read (a device sync) at most once per ``interval`` seconds, never per step.
+    On a terminal the line updates live; metric tensors are read (a device sync) at most once
+    per ``interval`` seconds, never per step. Elsewhere (logs, CI) only the final line is printed.
     """
 
-    def __init__(self, interval: float | None = None):
-        self.interval = interval if interval is not None else (0.25 if sys.stdout.isatty() else 30.0)
+    _FORMAT = "{n_fmt}/{total_fmt} [{bar:30}] - {elapsed_s:.0f}s {desc}"
+
+    def __init__(self, interval: float = 0.25, live: bool | None = None):
+        self.interval = interval
+        self.live = sys.stdout.isatty() if live is None else live
         self._bar: tqdm | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         print(f"Epoch {epoch + 1}/{self.params['epochs']}", flush=True)
         self._start = self._last = time.monotonic()
-        self._bar = tqdm(total=self.params.get("steps"), file=sys.stdout, ascii=".=",
-                         mininterval=self.interval, delay=min(self.interval, 1.0),
-                         bar_format="{n_fmt}/{total_fmt} [{bar:30}] - {elapsed_s:.0f}s {desc}")
+        self._steps = 0
+        if self.live:
+            self._bar = tqdm(total=self.params.get("steps"), file=sys.stdout, ascii=".=",
+                             mininterval=self.interval, bar_format=self._FORMAT)
 
-    def _postfix(self, steps: int, logs: Logs) -> str:
-        per_step = (time.monotonic() - self._start) / max(steps, 1)
+    def _description(self, logs: Logs) -> str:
+        per_step = (time.monotonic() - self._start) / max(self._steps, 1)
         return f"{per_step * 1000:.0f}ms/step - {_format(logs)}"
 
     def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch + 1
+        if self._bar is None:
+            return
         now = time.monotonic()
         if now - self._last >= self.interval:
             self._last = now
-            self._bar.set_description_str(self._postfix(batch + 1, logs or {}), refresh=False)
+            self._bar.set_description_str(self._description(logs or {}), refresh=False)
         self._bar.update(1)
 
     def on_epoch_end(self, epoch, logs=None):
-        self._bar.set_description_str(self._postfix(self._bar.n, logs or {}), refresh=False)
-        self._bar.refresh()
-        self._bar.close()
+        description = self._description(logs or {})
+        if self._bar is not None:
+            self._bar.set_description_str(description, refresh=False)
+            self._bar.close()
+            return
+        total = self.params.get("steps") or self._steps
+        print(tqdm.format_meter(self._steps, total, time.monotonic() - self._start, ascii=".=",
+                                bar_format=self._FORMAT, prefix=description), flush=True)
 
 
 def read_logs(logs: Logs) -> dict[str, float]:

@@ -148,6 +148,12 @@ class Model(nn.Module):
         """Outputs for every input, in order, gathered from all replicas."""
         return loop.predict(self, loop.as_dataset(x, None, batch_size))
 
+    def save(self, path: str, *, max_shard_size: int | None = None) -> None:
+        """Write this model as a distsave model directory; see `distsave.saving.save_model`."""
+        from ..saving.model_format import save_model  # saving builds on training, not the reverse
+
+        save_model(self, path, max_shard_size=max_shard_size)
+
     def train_module(self) -> nn.Module:
         """The module a training step calls: this model, or its data-parallel wrapper."""
         if "_train_module" not in self.__dict__:

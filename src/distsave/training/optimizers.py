@@ -52,18 +52,18 @@ def build_optimizer(spec: OptimizerLike, module: nn.Module) -> torch.optim.Optim
                     f"Received: {spec!r}.")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item()
     if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
 def optimizer_config(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Class name and hyperparameters (``defaults``) of an optimizer, as JSON."""
     return {"class": type(optimizer).__name__,
-            "defaults": {k: _jsonable(v) for k, v in optimizer.defaults.items()}}
+            "defaults": {k: jsonable(v) for k, v in optimizer.defaults.items()}}
 
 
 @functools.cache
@@ -73,9 +73,9 @@ def _torch_optimizers() -> dict[str, type[torch.optim.Optimizer]]:
             and cls is not torch.optim.Optimizer}
 
 
-def optimizer_class(name: str, registered: dict[str, Any]) -> type[torch.optim.Optimizer]:
-    """Resolve a recorded optimizer class: torch.optim built-ins or registered classes only."""
-    cls = _torch_optimizers().get(name) or registered.get(name)
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """Resolve a recorded torch.optim class by name (never by import)."""
+    cls = _torch_optimizers().get(name)
     if cls is None:
         raise ValueError(f"Unknown optimizer class {name!r}. Built-ins come from torch.optim; "
                          "register custom ones with @distsave.register_serializable().")

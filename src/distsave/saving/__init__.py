@@ -1,0 +1,10 @@
+"""Saving and loading: the distsave artifact format, high-level and low-level APIs."""
+
+from . import saved_model
+from .errors import ArtifactError, SaveError
+from .manifest import read_manifest
+from .model_format import load_model, save_model
+from .registry import register_serializable
+
+__all__ = ["ArtifactError", "SaveError", "load_model", "read_manifest", "register_serializable",
+           "save_model", "saved_model"]
