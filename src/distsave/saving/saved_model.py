@@ -8,10 +8,11 @@ signature (``signatures/<name>.json``) and any program constants (``constants.sa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,20 +123,47 @@ def _resolve_signatures(obj: nn.Module, signatures: Any, input_spec: list[Tensor
     return resolved
 
 
+@contextlib.contextmanager
+def _exportable(obj: nn.Module, fn: Callable) -> Iterator[nn.Module]:
+    """A CPU module in eval mode whose forward is ``fn``; ``obj`` itself is left as it was.
+
+    A CPU model is exported in place (so functions that close over it see its parameters);
+    a GPU model through a CPU copy, where only the model and its methods can be exported.
+    """
+    if all(t.device.type == "cpu" for t in obj.state_dict().values()):
+        modes = {m: m.training for m in obj.modules()}
+        obj.eval()
+        try:
+            yield obj if fn is obj else _Bound(obj, fn)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        return
+    clone = _cpu_clone(obj)
+    if fn is obj:
+        yield clone
+    elif getattr(fn, "__self__", None) is obj:
+        yield _Bound(clone, getattr(clone, fn.__name__))
+    else:
+        raise SaveError("A signature function that is neither the model nor one of its methods can "
+                        "only be exported from a model on the CPU. Make it a method of the model, or "
+                        "save a CPU copy.")
+
+
 def _prepare(obj: nn.Module, name: str, sig: Signature) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """Export one signature: (program JSON, manifest entry, constants to store)."""
-    clone = _cpu_clone(obj)
-    fn = sig.fn
-    if fn is obj:
-        root, prefix = clone, ""
-    else:
-        if getattr(fn, "__self__", None) is obj:
-            fn = getattr(clone, fn.__name__)
-        root, prefix = _Bound(clone, fn), "root."
+    with _exportable(obj, sig.fn) as root:
+        return _export_signature(root, "root." if isinstance(root, _Bound) else "", name, sig)
+
+
+def _export_signature(root: nn.Module, prefix: str, name: str,
+                      sig: Signature) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     examples = tuple(s.example(2) for s in sig.input_spec)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({i: (batch if i == 0 else torch.export.Dim(f"{s.name}_dim{i}", min=1))
                      for i, d in enumerate(s.shape) if d is None} for s in sig.input_spec)
+    if isinstance(root, _Bound):
+        dynamic = (dynamic,)  # _Bound.forward takes *args: one entry holding all of them
     with torch.no_grad():
         example_out = root(*examples)
     where = f"signature {name!r}"
@@ -229,7 +257,9 @@ class ConcreteSignature:
 
     @property
     def device(self) -> torch.device:
-        return next((t.device for t in self.module.state_dict().values()), torch.device("cpu"))
+        for tensor in self.module.state_dict().values():
+            return tensor.device
+        return torch.device("cpu")
 
     def _bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         expected = ", ".join(s.describe() for s in self.inputs)
@@ -270,8 +300,9 @@ class LoadedModel:
     """What `load` returns: ``signatures``, shared ``variables``, and the saved specs."""
 
     def __init__(self, manifest: dict[str, Any], signatures: dict[str, ConcreteSignature],
-                 variables: dict[str, torch.Tensor]):
+                 variables: dict[str, torch.Tensor], programs: dict[str, dict[str, Any]]):
         self.manifest = manifest
+        self.programs = programs
         self.signatures = signatures
         self.variables = variables
         self.input_spec = (None if manifest.get("input_spec") is None
@@ -352,9 +383,9 @@ def load(path: str | os.PathLike) -> LoadedModel:
     variables = read_tensors(root, WEIGHTS)
     has_constants = any(name.startswith(CONSTANTS) for name in manifest["files"])
     constants = read_tensors(root, CONSTANTS) if has_constants else {}
-    modules = {}
+    modules, programs = {}, {}
     for name, entry in manifest.get("signatures", {}).items():
-        program = read_program(root, entry["program"])
+        program = programs[name] = read_program(root, entry["program"])
         missing = [v for v in list(entry["state"].values()) + list(entry["constants"].values())
                    if v not in variables and v not in constants]
         if missing:
@@ -367,4 +398,4 @@ def load(path: str | os.PathLike) -> LoadedModel:
                                           [TensorSpec.from_json(s) for s in manifest["signatures"][name]["inputs"]],
                                           list(manifest["signatures"][name]["outputs"]))
                   for name, module in modules.items()}
-    return LoadedModel(manifest, signatures, shared)
+    return LoadedModel(manifest, signatures, shared, programs)
