@@ -219,6 +219,9 @@ def save(obj: nn.Module, path: str | os.PathLike, signatures: Any = None, *,
         ...     "serving_default": model, "embed": Signature(model.embed)})
     """
     obj = unwrap(obj)
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in obj.parameters()):
+        raise SaveError(f"{type(obj).__name__} has lazy layers whose weights do not exist yet. Call "
+                        "the model once on a batch (or give it an input_spec and call it) first.")
     spec = [input_spec] if isinstance(input_spec, TensorSpec) else (list(input_spec) if input_spec else None)
     if spec is None and example_inputs is not None:
         spec = [TensorSpec.from_tensor(t, f"input_{i}" if len(example_inputs) > 1 else "x")

@@ -1,0 +1,211 @@
+"""`distsave demo`: TensorFlow's "save and load a model with a distribution strategy" workflow,
+step by step, on bundled MNIST, ending with a table of every step's result."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import saved_model
+from .data import datasets
+from .layers import SavedModelLayer
+from .saving import SaveError, load_model, register_serializable
+from .strategies import MirroredStrategy, OneDeviceStrategy
+from .training import Model, Sequential
+
+__all__ = ["run_demo", "workflow_cnn"]
+
+
+def workflow_cnn() -> list[nn.Module]:
+    """The workflow's CNN: 347,146 parameters."""
+    return [nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(5408, 64), nn.ReLU(), nn.Linear(64, 10)]
+
+
+@register_serializable(package="distsave_demo")
+class SubclassedCNN(Model):
+    """A subclassed model built without saying what inputs it takes."""
+
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(5408, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@dataclass
+class _Row:
+    step: str
+    result: str
+    seconds: float
+    size: str = ""
+
+
+def _size(path: Path) -> str:
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return f"{total / 2**20:.2f} MiB"
+
+
+def _scores(logs: dict[str, float]) -> str:
+    return f"loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.4f}"
+
+
+class _Table:
+    def __init__(self, echo: bool) -> None:
+        self.rows: list[_Row] = []
+        self.echo = echo
+
+    @contextmanager
+    def step(self, name: str) -> Any:
+        row = _Row(name, "", 0.0)
+        start = time.perf_counter()
+        yield row
+        row.seconds = time.perf_counter() - start
+        self.rows.append(row)
+        if self.echo:
+            print(f"[{len(self.rows)}] {row.step}: {row.result} ({row.seconds:.1f}s)\n", flush=True)
+
+    def print(self) -> None:
+        widths = [max(len(r.step) for r in self.rows), max(len(r.result) for r in self.rows)]
+        line = f"| {'step':<{widths[0]}} | {'result':<{widths[1]}} | {'time':>7} | {'artifact':>9} |"
+        print("\n" + line)
+        print("|" + "|".join("-" * (w + 2) for w in (*widths, 7, 9)) + "|")
+        for r in self.rows:
+            print(f"| {r.step:<{widths[0]}} | {r.result:<{widths[1]}} | {r.seconds:>6.1f}s | {r.size:>9} |")
+
+
+def _accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    return (outputs.argmax(-1) == labels).double().mean().item()
+
+
+def run_demo(cpu_replicas: int | None = None, epochs: int = 2, workdir: str | Path = "distsave-demo",
+             log: Callable[[str], None] = print) -> int:
+    """Run every step of the workflow; returns a process exit code."""
+    if cpu_replicas is None and torch.cuda.is_available():
+        strategy = MirroredStrategy()
+    else:
+        strategy = MirroredStrategy(devices=["cpu"] * (cpu_replicas or 2))
+    workdir = Path(workdir)
+    chief = strategy.is_chief
+    table = _Table(echo=chief)
+    if chief:
+        log(f"distsave demo: {strategy!r}, torch {torch.__version__}, artifacts in {workdir}/")
+
+    splits, info = datasets.load("mnist", with_info=True, as_supervised=True)
+    global_batch = 64 * strategy.num_replicas_in_sync
+
+    def scale(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return image.float() / 255, label
+
+    train = splits["train"].map(scale).cache().shuffle(10000).batch(global_batch)
+    test = splits["test"].map(scale).cache().batch(global_batch)
+
+    with table.step(f"fit under MirroredStrategy x{strategy.num_replicas_in_sync} "
+                    f"({strategy.device.type}), {epochs} epochs") as row:
+        with strategy.scope():
+            model = Sequential(workflow_cnn())
+            model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+        start = time.perf_counter()
+        history = model.fit(train, epochs=epochs, verbose=int(chief))
+        rate = epochs * info.splits["train"] / (time.perf_counter() - start)
+        row.result = _scores({k: v[-1] for k, v in history.history.items()}) + f" (train), {rate:,.0f} samples/s"
+    with table.step("evaluate on the test set") as row:
+        before = model.evaluate(test, verbose=0, return_dict=True)
+        row.result = _scores(before)
+    model_dir = workdir / "mnist_model"
+    with table.step("model.save (every replica calls it)") as row:
+        model.save(model_dir)
+        row.result, row.size = "saved once, atomically", _size(model_dir)
+
+    with table.step("distributed inference: strategy.run(serving_default)") as row:
+        loaded = saved_model.load(model_dir)
+        serve = loaded.signatures[saved_model.DEFAULT_SIGNATURE]
+        outputs, labels = [], []
+        for images, batch_labels in strategy.experimental_distribute_dataset(test):
+            result = strategy.run(serve, args=(images,))
+            outputs.append(strategy.gather(result["output_0"]))
+            labels.append(strategy.gather(batch_labels))
+        distributed = torch.cat(outputs).cpu()
+        reference = model.predict(test).cpu()
+        equal = torch.allclose(distributed, reference, atol=1e-5)
+        row.result = (f"accuracy {_accuracy(distributed, torch.cat(labels).cpu()):.4f}, "
+                      f"equals predict: {equal}")
+    if not chief:
+        return 0 if equal else 1
+
+    with table.step('load_model under OneDeviceStrategy("cpu"), evaluate') as row:
+        with OneDeviceStrategy("cpu").scope():
+            restored = load_model(model_dir)
+        after = restored.evaluate(test, verbose=0, return_dict=True)
+        same = after["accuracy"] == before["accuracy"] and math.isclose(after["loss"], before["loss"],
+                                                                         rel_tol=1e-6)
+        row.result = _scores(after) + (" (as before saving)" if same else " (DIFFERS from before saving)")
+    with table.step("continue training the restored model, 1 epoch") as row:
+        history = restored.fit(train, epochs=1, verbose=1)
+        row.result = _scores({k: v[-1] for k, v in history.history.items()}) + f" (train, epoch {restored.epoch})"
+
+    exported = workdir / "mnist_saved_model"
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        for layer in restored.layers[:-1]:
+            images = layer(images)
+        return images
+
+    with table.step("saved_model.save: serving_default + embed signatures") as row:
+        saved_model.save(restored, exported, signatures={
+            "serving_default": restored,
+            "embed": saved_model.Signature(embed, output_names=["embedding"])})
+        row.result, row.size = "2 programs (JSON) sharing one weights file", _size(exported)
+    with table.step("saved_model.load, serving_default on a test batch") as row:
+        reloaded = saved_model.load(exported)
+        images, batch_labels = next(iter(test))
+        logits = reloaded.signatures["serving_default"](images)["output_0"]
+        same = torch.equal(logits, restored.predict(images))
+        row.result = f"accuracy {_accuracy(logits, batch_labels):.4f}, equals eager model: {same}"
+
+    with table.step("SavedModelLayer(embed, trainable=True) transfer, 1 epoch") as row:
+        transfer = Sequential([SavedModelLayer(reloaded, signature="embed", trainable=True),
+                               nn.Linear(64, 10)])
+        transfer.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+        transfer.fit(train, epochs=1, verbose=1)
+        tuned = transfer.evaluate(test, verbose=0, return_dict=True)
+        row.result = _scores(tuned) + " (test)"
+    with table.step("the transfer model through both APIs") as row:
+        transfer.save(workdir / "transfer_model")
+        saved_model.save(transfer, workdir / "transfer_saved_model")
+        again = load_model(workdir / "transfer_model").evaluate(test, verbose=0, return_dict=True)
+        served = saved_model.load(workdir / "transfer_saved_model").signatures["serving_default"](images)
+        row.result = (f"load_model: {_scores(again)}; saved_model output equal: "
+                      f"{torch.equal(served['output_0'], transfer.predict(images))}")
+        row.size = _size(workdir / "transfer_model")
+
+    with table.step("mixed API: model.save dir via saved_model.load") as row:
+        mixed = saved_model.load(model_dir)
+        row.result = f"signatures {sorted(mixed.signatures)}, variables {len(mixed.variables)}"
+
+    with table.step("model without defined inputs") as row:
+        subclassed = SubclassedCNN()
+        try:
+            subclassed.save(workdir / "subclassed")
+            refused = "saved?!"
+        except SaveError as error:
+            refused = f"model.save refused ({type(error).__name__})"
+        saved_model.save(subclassed, workdir / "subclassed_weights_only")
+        no_signatures = saved_model.load(workdir / "subclassed_weights_only").signatures
+        subclassed(torch.zeros(1, 1, 28, 28))
+        subclassed.save(workdir / "subclassed")
+        rebuilt = load_model(workdir / "subclassed")
+        row.result = (f"{refused}; saved_model.save: {len(no_signatures)} signatures; after one "
+                      f"call, save + load_model work ({rebuilt.inputs[0].describe()})")
+    table.print()
+    return 0
