@@ -12,7 +12,7 @@ _TF_STYLE = re.compile(r"^/?(?:job:[^/]+/)?(?:replica:\d+/)?(?:task:\d+/)?(?:dev
                        re.IGNORECASE)
 
 
-def parse_device(spec: str | torch.device) -> torch.device:
+def parse_device(spec: str | torch.device, *, must_exist: bool = True) -> torch.device:
     """Turn ``"cpu"``, ``"cuda:1"``, ``"/gpu:0"`` or ``"/cpu:0"`` into a device that exists here."""
     if isinstance(spec, torch.device):
         device = spec
@@ -27,7 +27,9 @@ def parse_device(spec: str | torch.device) -> torch.device:
             device = torch.device("cpu")
         else:
             device = torch.device("cuda", int(index or 0))
-    if device.type == "cuda":
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device type {device.type!r} in {spec!r}; use 'cpu' or 'cuda:N'.")
+    if device.type == "cuda" and must_exist:
         count = torch.cuda.device_count()
         index = device.index or 0
         if index >= count:
@@ -36,6 +38,4 @@ def parse_device(spec: str | torch.device) -> torch.device:
                 "Use 'cpu' or one of " + str([f"cuda:{i}" for i in range(count)]) + "."
             )
         device = torch.device("cuda", index)
-    elif device.type != "cpu":
-        raise ValueError(f"Unsupported device type {device.type!r} in {spec!r}; use 'cpu' or 'cuda:N'.")
     return device

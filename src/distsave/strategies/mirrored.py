@@ -25,13 +25,13 @@ def _replica_devices(devices: list[str] | None, world_size: int | None) -> list[
     if devices is not None:
         if not devices:
             raise ValueError("Expected at least one device in MirroredStrategy(devices=[...]).")
-        parsed = [parse_device(d) for d in devices]
-        kinds = {d.type for d in parsed}
+        kinds = {parse_device(d, must_exist=False).type for d in devices}
         if len(kinds) > 1:
             raise ValueError(
                 f"MirroredStrategy replicas must all be CPUs or all be GPUs. Received: {devices}. "
                 "Use devices=['cpu', 'cpu'] or devices=['cuda:0', 'cuda:1']."
             )
+        parsed = [parse_device(d) for d in devices]
         gpus = [d for d in parsed if d.type == "cuda"]
         if len(set(gpus)) != len(gpus):
             raise ValueError(f"Each GPU may hold one replica. Received: {devices}.")

@@ -1,0 +1,82 @@
+"""Shared fixtures: small MNIST pipelines, trained models, and real multi-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import distsave
+from distsave.demo import workflow_cnn
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def scale(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return image.float() / 255, label
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    return distsave.datasets.load("mnist")
+
+
+@pytest.fixture(scope="session")
+def small_train(mnist):
+    """1,024 training examples, scaled and cached, in batches of 64, unshuffled."""
+    return mnist["train"].take(1024).map(scale).cache().batch(64)
+
+
+@pytest.fixture(scope="session")
+def small_test(mnist):
+    return mnist["test"].take(512).map(scale).cache().batch(128)
+
+
+def cnn_model(optimizer: str = "adam", **kwargs) -> distsave.Sequential:
+    torch.manual_seed(0)
+    model = distsave.Sequential(workflow_cnn(), **kwargs)
+    model.compile(loss="sparse_categorical_crossentropy", optimizer=optimizer, metrics=["accuracy"])
+    return model
+
+
+@pytest.fixture
+def trained(small_train) -> distsave.Sequential:
+    model = cnn_model()
+    model.fit(small_train, epochs=1, verbose=0)
+    return model
+
+
+def run_python(args: list[str], *, timeout: float = 600, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run a real Python process (which may start replica processes of its own)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                            timeout=timeout, env=full_env, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}\nstdout:\n{result.stdout}\n"
+                             f"stderr:\n{result.stderr[-5000:]}")
+    return result
+
+
+def run_script(name: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run_python([str(SCRIPTS / name), *args], **kwargs)
+
+
+def read_reports(prefix: Path, replicas: int) -> list[dict]:
+    return [json.loads(Path(f"{prefix}.{r}.json").read_text()) for r in range(replicas)]
+
+
+def tiny_model(**kwargs) -> distsave.Sequential:
+    torch.manual_seed(0)
+    model = distsave.Sequential([nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)], **kwargs)
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+    return model
