@@ -80,3 +80,17 @@ def tiny_model(**kwargs) -> distsave.Sequential:
     model = distsave.Sequential([nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)], **kwargs)
     model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
     return model
+
+
+def rewrite_manifest(artifact: Path, edit=lambda manifest: None) -> None:
+    """Recompute every checksum after tampering, as a careful attacker would."""
+    import hashlib
+
+    from distsave.saving.manifest import MANIFEST, _canonical, _relative_files, sha256_of
+
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["files"] = {rel: {"bytes": (artifact / rel).stat().st_size, "sha256": sha256_of(artifact / rel)}
+                         for rel in _relative_files(artifact)}
+    edit(manifest)
+    manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
+    (artifact / MANIFEST).write_text(json.dumps(manifest))

@@ -120,7 +120,9 @@ def restore_compile(model: Model, config: dict[str, Any], state_tensors: dict[st
         groups.append({**tuples_back({k: v for k, v in group.items() if k != "params"},
                                      torch_defaults(cls)),
                        "params": [params[n] for n in group["params"]]})
-    model.compile(optimizer=lambda _: cls(groups), loss=loss, metrics=metrics)
+    accepted = torch_defaults(cls)
+    defaults = tuples_back({k: v for k, v in opt["defaults"].items() if k in accepted}, accepted)
+    model.compile(optimizer=lambda _: cls(groups, **defaults), loss=loss, metrics=metrics)
     index = {name: i for i, name in enumerate(n for g in opt["param_groups"] for n in g["params"])}
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in state_tensors.items():

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,6 +26,10 @@ FORMAT_NAME = "distsave"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _MAX_MANIFEST_BYTES = 64 * 2**20
+# Everything an artifact may hold besides the manifest: safetensors and JSON, by known names.
+_KNOWN_FILE = re.compile(r"^((model|optimizer|constants)(-\d{5}-of-\d{5})?\.safetensors"
+                         r"|(model|optimizer|constants)\.safetensors\.index\.json"
+                         r"|signatures/[A-Za-z0-9_.-]+\.json)$")
 _CHUNK = 2**22
 
 
@@ -124,6 +129,9 @@ def _check_files(root: Path, files: Any, verify_checksums: bool) -> None:
     for name, entry in files.items():
         if not _safe_relative(name):
             problems.append(f"{name!r}: path is not a plain relative path inside the artifact")
+            continue
+        if not _KNOWN_FILE.match(name):
+            problems.append(f"{name}: not a file distsave writes (only safetensors and JSON, by known names)")
             continue
         file = root / name
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -132,8 +133,10 @@ def export_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
             that could not be loaded again.
     """
     try:
-        exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes)
-        exported = exported.run_decompositions()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices
+            exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes)
+            exported = exported.run_decompositions()
     except Exception as error:  # export's many failure types all mean "cannot record a program"
         raise SaveError(f"Could not export {where} with torch.export: {error}\nGive an input_spec "
                         "whose open dimensions the model accepts, or a signature without "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -162,8 +163,9 @@ def _export_signature(root: nn.Module, prefix: str, name: str,
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({i: (batch if i == 0 else torch.export.Dim(f"{s.name}_dim{i}", min=1))
                      for i, d in enumerate(s.shape) if d is None} for s in sig.input_spec)
-    if isinstance(root, _Bound):
-        dynamic = (dynamic,)  # _Bound.forward takes *args: one entry holding all of them
+    parameters = list(inspect.signature(root.forward).parameters.values())
+    if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        dynamic = (dynamic,)  # forward(*args): export wants one entry holding all of them
     with torch.no_grad():
         example_out = root(*examples)
     where = f"signature {name!r}"
