@@ -31,8 +31,22 @@ def _architecture_lines(spec: Any, indent: str = "  ") -> list[str]:
             lines += [f"{indent}  ({key}) {sub[0].strip()}", *sub[1:]]
         return lines
     config = spec.get("config", {})
-    args = ", ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+    args = ", ".join(f"{k}={_show(v)}" for k, v in config.items())
     return [f"{indent}{name}({args})"]
+
+
+def _show(value: Any) -> str:
+    """A recorded constructor argument, written as Python would show it."""
+    if isinstance(value, dict) and set(value) == {"tuple"}:
+        items = [_show(v) for v in value["tuple"]]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    if isinstance(value, dict) and set(value) == {"module"}:
+        return f"{value['module'].get('class', '?')}(...)"
+    if isinstance(value, dict) and set(value) == {"dict"}:
+        return "{" + ", ".join(f"{k!r}: {_show(v)}" for k, v in value["dict"].items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)
 
 
 def _tensor_table(root: Path) -> list[dict[str, Any]]:

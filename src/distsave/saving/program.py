@@ -171,7 +171,8 @@ def build_program(program: dict[str, Any], state: dict[str, torch.Tensor],
                   for spec in program.get("graph_module", {}).get("signature", {}).get("input_specs", [])
                   if isinstance(spec, dict) and "parameter" in spec}
     # Fresh (aligned) copies: BLAS may sum in another order on unaligned memory at batch 1.
-    state = {k: nn.Parameter(v.clone(), requires_grad=v.is_floating_point()) if k in parameters
+    # Parameters start frozen (serving needs no gradients); SavedModelLayer may unfreeze them.
+    state = {k: nn.Parameter(v.clone(), requires_grad=False) if k in parameters
              else v.clone() for k, v in state.items()}
     try:
         artifact = serde.SerializedArtifact(json.dumps(program).encode(), state,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -44,6 +45,12 @@ def _replica_devices(devices: list[str] | None, world_size: int | None) -> list[
     if torch.cuda.is_available():
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return [torch.device("cpu")]
+
+
+def _leave_group() -> None:
+    """Tear the group down before interpreter shutdown (else its threads may abort the process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class MirroredStrategy(Strategy):
@@ -107,6 +114,7 @@ class MirroredStrategy(Strategy):
         else:
             dist.init_process_group(self._backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
+        atexit.register(_leave_group)
         return dist.group.WORLD
 
     def __repr__(self) -> str:

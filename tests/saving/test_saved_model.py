@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tests.conftest import run_python, run_script, tiny_model
+
+import distsave
+from distsave import SaveError
+from distsave.saved_model import Signature
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_serving_default_equals_the_eager_model_exactly(trained, tmp_path, batch, small_test):
+    distsave.saved_model.save(trained, tmp_path / "sm")
+    loaded = distsave.saved_model.load(tmp_path / "sm")
+    images = next(iter(small_test))[0][:batch]
+    with torch.no_grad():
+        expected = trained(images)
+    assert torch.equal(loaded.signatures["serving_default"](images)["output_0"], expected)
+    assert torch.equal(loaded.signatures["serving_default"](x=images)["output_0"], expected)
+
+
+def test_load_in_a_fresh_process_without_the_users_code(trained, tmp_path, small_test):
+    distsave.saved_model.save(trained, tmp_path / "sm", output_names=["logits"])
+    images = next(iter(small_test))[0][:5]
+    np.save(tmp_path / "x.npy", images.numpy())
+    code = ("import sys, numpy as np, torch, distsave\n"
+            "loaded = distsave.saved_model.load(sys.argv[1])\n"
+            "out = loaded.signatures['serving_default'](torch.from_numpy(np.load(sys.argv[2])))\n"
+            "np.save(sys.argv[3], out['logits'].numpy())\n")
+    run_python(["-c", code, str(tmp_path / "sm"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")])
+    with torch.no_grad():
+        assert np.array_equal(np.load(tmp_path / "y.npy"), trained(images).numpy())
+
+
+def test_several_signatures_share_one_copy_of_the_weights(trained, tmp_path):
+    def embed(x):
+        for layer in trained.layers[:-1]:
+            x = layer(x)
+        return x
+
+    distsave.saved_model.save(trained, tmp_path / "sm", signatures={
+        "serving_default": trained, "embed": Signature(embed, output_names=["embedding"])})
+    loaded = distsave.saved_model.load(tmp_path / "sm")
+    assert sorted(loaded.signatures) == ["embed", "serving_default"]
+    assert sorted(p.name for p in (tmp_path / "sm").glob("*.safetensors")) == ["model.safetensors"]
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.signatures["embed"](x)["embedding"], embed(x))
+    first = loaded.signatures["serving_default"].module.get_parameter("0.weight")
+    assert first is loaded.signatures["embed"].module.get_parameter("root.0.weight")
+    assert first is loaded.variables["0.weight"]
+
+
+def test_wrong_inputs_name_the_signature_and_spec(trained, tmp_path):
+    distsave.saved_model.save(trained, tmp_path / "sm")
+    serve = distsave.saved_model.load(tmp_path / "sm").signatures["serving_default"]
+    with pytest.raises(ValueError, match=r"'serving_default' expects x: float32\[None, 1, 28, 28\]; received float32\[2, 28, 28\]"):
+        serve(torch.zeros(2, 28, 28))
+    with pytest.raises(ValueError, match=r"received uint8\[2, 1, 28, 28\]"):
+        serve(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="has no input 'images'"):
+        serve(images=torch.zeros(2, 1, 28, 28))
+
+
+def test_plain_module_with_example_inputs_and_dict_outputs(tmp_path):
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 2)
+
+        def forward(self, a, b):
+            return {"sum": self.linear(a) + b, "diff": self.linear(a) - b}
+
+    module = TwoOutputs()
+    distsave.saved_model.save(module, tmp_path / "sm", example_inputs=(torch.zeros(2, 3), torch.zeros(2, 2)))
+    serve = distsave.saved_model.load(tmp_path / "sm").signatures["serving_default"]
+    a, b = torch.randn(5, 3), torch.randn(5, 2)
+    out = serve(input_0=a, input_1=b)
+    assert sorted(out) == ["diff", "sum"]
+    with torch.no_grad():
+        assert torch.equal(out["sum"], module(a, b)["sum"])
+
+
+def test_model_without_inputs_saves_weights_only_then_signatures(tmp_path):
+    model = tiny_model()
+    distsave.saved_model.save(model, tmp_path / "weights_only")
+    loaded = distsave.saved_model.load(tmp_path / "weights_only")
+    assert loaded.signatures == {} and set(loaded.variables) == set(model.state_dict())
+    assert loaded.manifest["architecture"]["class"] == "distsave.Sequential"
+    distsave.saved_model.save(model, tmp_path / "with", input_spec=distsave.TensorSpec((None, 1, 28, 28)))
+    assert "serving_default" in distsave.saved_model.load(tmp_path / "with").signatures
+
+
+def test_mixed_api_model_save_then_saved_model_load(trained, tmp_path, small_test):
+    trained.save(tmp_path / "m")
+    loaded = distsave.saved_model.load(tmp_path / "m")
+    images = next(iter(small_test))[0]
+    with torch.no_grad():
+        assert torch.equal(loaded.signatures["serving_default"](images)["output_0"], trained(images))
+
+
+def test_export_failure_is_a_save_error_and_writes_nothing(tmp_path):
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(SaveError, match="Could not export signature 'serving_default'"):
+        distsave.saved_model.save(DataDependent(), tmp_path / "sm", example_inputs=(torch.ones(2, 3),))
+    assert not (tmp_path / "sm").exists()
+
+
+def test_distributed_inference_equals_single_process(trained, tmp_path, mnist):
+    distsave.saved_model.save(trained, tmp_path / "sm")
+    run_script("distributed_inference.py", str(tmp_path / "sm"), str(tmp_path / "out.safetensors"),
+               timeout=180)
+    result = load_file(tmp_path / "out.safetensors")
+    images, labels = next(iter(mnist["test"].take(500).batch(500)))
+    with torch.no_grad():
+        expected = trained(images.float() / 255)
+    assert torch.equal(result["labels"], labels)
+    torch.testing.assert_close(result["outputs"], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(result["outputs"].argmax(1), expected.argmax(1))
