@@ -1,0 +1,213 @@
+"""Training speed of the workflow's CNN: distsave ``fit`` against its peers, in one process.
+
+Each way trains 2 epochs of MNIST with Adam; samples/s is measured on the second epoch.
+
+    python benchmarks/fit_speed.py --batch 64 1024            # on a GPU (peers need CUDA)
+    python benchmarks/fit_speed.py --device cpu --batch 64    # typical loop vs fit on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import distsave
+from distsave.demo import workflow_cnn
+
+EPOCHS = 2
+
+
+def mnist_tensors() -> tuple[torch.Tensor, torch.Tensor, distsave.data.Dataset]:
+    train = distsave.datasets.load("mnist", split="train")
+    images, labels = next(iter(train.batch(60000)))
+    return images.float() / 255, labels, train
+
+
+def new_model(device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*workflow_cnn()).to(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_epochs(run_epoch: Callable[[], None], device: torch.device) -> float:
+    """Run EPOCHS epochs; samples/s of the last one."""
+    for epoch in range(EPOCHS):
+        sync(device)
+        start = time.perf_counter()
+        run_epoch()
+        sync(device)
+        seconds = time.perf_counter() - start
+    return 60000 / seconds
+
+
+def typical_loop(images, labels, batch, device) -> float:
+    """DataLoader over CPU tensors, eager step, as most PyTorch tutorials write it."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
+                                         batch_size=batch, shuffle=True, pin_memory=device.type == "cuda")
+    model = new_model(device)
+    optimizer = torch.optim.Adam(model.parameters())
+
+    def epoch():
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return timed_epochs(epoch, device)
+
+
+def device_eager(images, labels, batch, device) -> float:
+    """Data moved to the device once, shuffled there, eager step."""
+    x_all, y_all = images.to(device), labels.to(device)
+    model = new_model(device)
+    optimizer = torch.optim.Adam(model.parameters())
+
+    def epoch():
+        for rows in torch.randperm(len(x_all), device=device).split(batch):
+            loss = nn.functional.cross_entropy(model(x_all[rows]), y_all[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return timed_epochs(epoch, device)
+
+
+def captured_graph(images, labels, batch, device) -> float:
+    """The limit: forward, backward and Adam captured once as a CUDA graph, replayed per step."""
+    x_all, y_all = images.to(device), labels.to(device)
+    model = new_model(device)
+    optimizer = torch.optim.Adam(model.parameters(), capturable=True)
+    static_x, static_y = x_all[:batch].clone(), y_all[:batch].clone()
+
+    def step():
+        loss = nn.functional.cross_entropy(model(static_x), static_y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def epoch():
+        for rows in torch.randperm(len(x_all), device=device).split(batch):
+            if len(rows) < batch:
+                continue  # the graph has static shapes; the limit skips the last partial batch
+            static_x.copy_(x_all[rows])
+            static_y.copy_(y_all[rows])
+            graph.replay()
+    return timed_epochs(epoch, device)
+
+
+def lightning_fit(images, labels, batch, device) -> float | None:
+    try:
+        import lightning.pytorch as pl
+    except ImportError:
+        try:
+            import pytorch_lightning as pl
+        except ImportError:
+            return None
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = new_model(torch.device("cpu"))
+
+        def training_step(self, batch_data, _):
+            x, y = batch_data
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters())
+
+    class Timer(pl.Callback):
+        def on_train_epoch_start(self, *_):
+            sync(device)
+            self.start = time.perf_counter()
+
+        def on_train_epoch_end(self, *_):
+            sync(device)
+            self.rate = 60000 / (time.perf_counter() - self.start)
+
+    timer = Timer()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
+                                         batch_size=batch, shuffle=True)
+    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="gpu" if device.type == "cuda" else "cpu",
+                         devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    trainer.fit(Module(), loader)
+    return timer.rate
+
+
+def distsave_fit(train, batch, device) -> tuple[float, float]:
+    """The workflow's code unchanged: map/cache/shuffle/batch, Adam, accuracy, progress bar."""
+    pipeline = train.map(lambda image, label: (image.float() / 255, label)).cache().shuffle(10000).batch(batch)
+
+    class Timer(distsave.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            sync(device)
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            sync(device)
+            self.rate = 60000 / (time.perf_counter() - self.start)
+
+    timer = Timer()
+    with distsave.OneDeviceStrategy(str(device)).scope():
+        torch.manual_seed(0)
+        model = distsave.Sequential(workflow_cnn())
+        model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
+    model.fit(pipeline, epochs=EPOCHS, callbacks=[timer])
+    test = distsave.datasets.load("mnist", split="test").map(
+        lambda image, label: (image.float() / 255, label)).batch(1000)
+    return timer.rate, model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[64])
+    parser.add_argument("--skip-lightning", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    images, labels, train = mnist_tensors()
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"# fit speed: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    for batch in args.batch:
+        rates: dict[str, float | None] = {"typical loop (DataLoader + eager step)": typical_loop(images, labels, batch, device)}
+        if device.type == "cuda":
+            rates["data on device, eager step"] = device_eager(images, labels, batch, device)
+            rates["captured CUDA graph step (limit)"] = captured_graph(images, labels, batch, device)
+        if not args.skip_lightning:
+            rates["Lightning Trainer.fit"] = lightning_fit(images, labels, batch, device)
+        fit_rate, accuracy = distsave_fit(train, batch, device)
+        rates["distsave fit"] = fit_rate
+        typical = rates["typical loop (DataLoader + eager step)"]
+        limit = rates.get("captured CUDA graph step (limit)")
+        print(f"\n## {batch} examples per step (distsave fit test accuracy {accuracy:.4f})\n")
+        print("| way of training | samples/s | vs typical loop | vs captured graph |")
+        print("|---|---:|---:|---:|")
+        for name, rate in rates.items():
+            if rate is None:
+                print(f"| {name} | not installed | | |")
+                continue
+            vs_limit = f"{rate / limit:.2f}x" if limit else ""
+            print(f"| {name} | {rate:,.0f} | {rate / typical:.2f}x | {vs_limit} |")
+
+
+if __name__ == "__main__":
+    main()

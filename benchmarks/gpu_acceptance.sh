@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU acceptance runs, for a machine with CUDA (the device tool): results under $OUT.
+# Usage: OUT=/some/dir bash benchmarks/gpu_acceptance.sh
+set -uo pipefail
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/distsave-gpu}
+mkdir -p "$OUT"
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
+echo "== OneDevice cuda:0, 2 epochs"
+python3 examples/train_mnist.py --one-device cuda:0 --epochs 2 --save /tmp/gpu_model --report /tmp/one
+echo "== MirroredStrategy() over every GPU, 2 epochs"
+python3 examples/train_mnist.py --epochs 2 --report /tmp/mirrored
+python3 - <<'PY'
+import json, os, torch, distsave
+out = os.environ["OUT"]
+test = distsave.datasets.load("mnist", split="test").map(lambda i, l: (i.float() / 255, l)).batch(1000)
+images = next(iter(test))[0]
+model = distsave.load_model("/tmp/gpu_model")
+from safetensors.torch import save_file
+save_file({"images": images, "predictions": model.predict(images).cpu()}, f"{out}/gpu_predictions.safetensors")
+reports = {name: json.load(open(f"/tmp/{name}.0.json")) for name in ("one", "mirrored")}
+json.dump(reports, open(f"{out}/gpu_reports.json", "w"), indent=1)
+print(json.dumps(reports, indent=1))
+PY
+tar -C /tmp -cf "$OUT/gpu_model.tar" gpu_model
+echo "== GPU tests"
+python3 -m pytest -q -p no:cacheprovider tests/gpu tests/saving/test_saved_model.py -x 2>&1 | tail -5
+echo "== distsave demo on the GPU"
+python3 -m distsave.cli demo --workdir /tmp/demo 2>&1 | tee "$OUT/demo.log" | tail -20

@@ -1,0 +1,51 @@
+"""GPU behaviour, run on a machine with CUDA (the device tool); skipped cleanly elsewhere."""
+
+import pytest
+import torch
+
+from tests.conftest import cnn_model, scale
+
+import distsave
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_one_device_cuda_trains_and_loads_on_cpu_with_the_same_predictions(mnist, tmp_path):
+    strategy = distsave.OneDeviceStrategy("/gpu:0")
+    with strategy.scope():
+        model = cnn_model()
+    model.fit(mnist["train"].take(4096).map(scale).cache().batch(64), epochs=1, verbose=0)
+    assert next(model.parameters()).device.type == "cuda"
+    images = next(iter(mnist["test"].take(256).map(scale).batch(256)))[0]
+    on_gpu = model.predict(images).cpu()
+    model.save(tmp_path / "m")
+    with distsave.OneDeviceStrategy("cpu").scope():
+        restored = distsave.load_model(tmp_path / "m")
+    torch.testing.assert_close(restored.predict(images), on_gpu, rtol=1e-4, atol=1e-4)
+    served = distsave.saved_model.load(tmp_path / "m").signatures["serving_default"](images)["output_0"]
+    torch.testing.assert_close(served, on_gpu, rtol=1e-4, atol=1e-4)
+
+
+def test_mirrored_one_gpu_uses_nccl_and_trains(mnist, tmp_path):
+    strategy = distsave.MirroredStrategy()
+    assert strategy.num_replicas_in_sync == torch.cuda.device_count()
+    with strategy.scope():
+        model = cnn_model()
+    history = model.fit(mnist["train"].take(4096).map(scale).cache().batch(64), epochs=2, verbose=0)
+    assert history.history["loss"][1] < history.history["loss"][0]
+    model.save(tmp_path / "m")
+    with strategy.scope():
+        restored = distsave.load_model(tmp_path / "m")
+    assert next(restored.parameters()).device.type == "cuda"
+    restored.fit(mnist["train"].take(1024).map(scale).batch(64), epochs=1, verbose=0)
+
+
+def test_loaded_signature_runs_on_the_gpu_under_a_strategy(trained, tmp_path):
+    distsave.saved_model.save(trained, tmp_path / "sm")
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        loaded = distsave.saved_model.load(tmp_path / "sm")
+    x = torch.rand(5, 1, 28, 28)
+    out = loaded.signatures["serving_default"](x)["output_0"]
+    assert out.device.type == "cuda"
+    with torch.no_grad():
+        torch.testing.assert_close(out.cpu(), trained(x), rtol=1e-4, atol=1e-4)
