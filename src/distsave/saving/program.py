@@ -10,6 +10,7 @@ accepted. ``torch.export.load`` and pickle are never used.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import re
 import warnings
@@ -45,6 +46,11 @@ _QUOTED_SYMBOL = re.compile(r"'[a-z]\d+'")
 _EXPRESSION = re.compile(r"^[A-Za-z0-9_+\-*/%(),. <>=!]*$")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYMBOL = re.compile(r"^[a-z]\d+$")
+# Where torch's serializer can skip pickling the tensors we store apart (torch >= 2.12), skip it;
+# older versions pickle them into bytes that are dropped unread.
+_SKIP_TENSOR_PAYLOADS = {name: False for name in ("serialize_state_dict", "serialize_constants",
+                                                   "serialize_example_inputs")
+                         if name in inspect.signature(serde.serialize).parameters}
 _ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)$")
 
 
@@ -147,8 +153,7 @@ def export_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
             raise SaveError(f"{where} holds a non-tensor constant {name!r} ({type(value).__name__}); "
                             "only tensors can be stored without pickle.")
         constants[name] = value
-    artifact = serde.serialize(exported, serialize_state_dict=False, serialize_constants=False,
-                               serialize_example_inputs=False)
+    artifact = serde.serialize(exported, **_SKIP_TENSOR_PAYLOADS)
     program = _strip(json.loads(artifact.exported_program))
     problems = check_program(program, where)
     if problems:

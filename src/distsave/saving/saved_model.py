@@ -67,11 +67,13 @@ def unwrap(module: Any) -> Any:
 
 
 def _cpu_clone(module: nn.Module) -> nn.Module:
-    """A CPU copy in eval mode for export, without the live training wrapper and optimizer."""
+    """A CPU copy in eval mode for export. The live training wrapper and optimizer are left
+    out, and the strategy (process groups cannot be copied) is shared, not copied."""
     memo: dict[int, Any] = {}
-    for attr in ("_train_module", "optimizer"):
-        if module.__dict__.get(attr) not in (None, module):
-            memo[id(module.__dict__[attr])] = None
+    for attr, replacement in (("_train_module", None), ("optimizer", None), ("_strategy", "same")):
+        value = module.__dict__.get(attr)
+        if value is not None and value is not module:
+            memo[id(value)] = value if replacement == "same" else None
     return copy.deepcopy(module, memo).cpu().eval()
 
 

@@ -132,6 +132,8 @@ class MirroredStrategy(Strategy):
         return box[0]
 
     def prepare_for_training(self, module: nn.Module) -> nn.Module:
+        if self.num_replicas_in_sync == 1:
+            return module  # nothing to average: skip DDP's per-step hooks
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, process_group=self._group)
 
