@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--per-replica-batch", type=int, default=64)
     parser.add_argument("--train-examples", type=int, default=None, help="use only the first N")
+    parser.add_argument("--seed", type=int, help="fix initial weights and shuffling")
     parser.add_argument("--save", help="model.save here after training")
     parser.add_argument("--report", help="write a JSON report per replica to REPORT.<replica>.json")
     args = parser.parse_args()
@@ -52,9 +53,11 @@ def main() -> None:
     train = datasets["train"]
     if args.train_examples:
         train = train.take(args.train_examples)
-    train = train.map(scale).cache().shuffle(10000).batch(batch)
+    train = train.map(scale).cache().shuffle(10000, seed=args.seed).batch(batch)
     test = datasets["test"].map(scale).batch(batch)
 
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     with strategy.scope():
         model = distsave.Sequential(workflow_cnn())
         model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])

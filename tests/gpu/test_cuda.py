@@ -49,3 +49,51 @@ def test_loaded_signature_runs_on_the_gpu_under_a_strategy(trained, tmp_path):
     assert out.device.type == "cuda"
     with torch.no_grad():
         torch.testing.assert_close(out.cpu(), trained(x), rtol=1e-4, atol=1e-4)
+
+
+def _train(mnist, jit_compile, examples=1000):
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        model = cnn_model()
+        model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"],
+                      jit_compile=jit_compile)
+    history = model.fit(mnist["train"].take(examples).map(scale).cache().batch(64), epochs=2, verbose=0)
+    return model, history
+
+
+def test_captured_step_matches_the_eager_step(mnist):
+    captured, fast = _train(mnist, jit_compile=True)  # 15 full batches + one of 40, per epoch
+    eager, slow = _train(mnist, jit_compile=False)
+    assert isinstance(captured.optimizer, torch.optim.Adam)
+    for name, tensor in eager.state_dict().items():
+        torch.testing.assert_close(captured.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for key in slow.history:
+        assert fast.history[key] == pytest.approx(slow.history[key], rel=1e-4)
+    assert all(not group["capturable"] for group in captured.optimizer.param_groups)
+
+
+def test_model_trained_on_the_fast_path_saves_and_loads_like_any_other(mnist, tmp_path):
+    model, _ = _train(mnist, jit_compile="auto")
+    model.save(tmp_path / "m")
+    assert '"capturable": false' in (tmp_path / "m/manifest.json").read_text()
+    with distsave.OneDeviceStrategy("cpu").scope():
+        restored = distsave.load_model(tmp_path / "m")
+    restored.fit(mnist["train"].take(256).map(scale).batch(64), epochs=1, verbose=0)
+
+
+def test_capture_falls_back_to_eager_with_one_log_line(mnist, caplog):
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(784, 10)
+
+        def forward(self, x):
+            x = self.linear(x.flatten(1))
+            return x * 2 if x.sum().item() > 0 else x  # a sync: cannot be captured
+
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        model = distsave.Model(DataDependent())
+        model.compile(loss="sparse_categorical_crossentropy", optimizer="adam")
+    with caplog.at_level("WARNING"):
+        history = model.fit(mnist["train"].take(640).map(scale).batch(64), epochs=2, verbose=0)
+    assert history.history["loss"][1] < history.history["loss"][0]
+    assert sum("cannot capture" in r.message for r in caplog.records) == 1

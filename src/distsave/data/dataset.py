@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -181,39 +182,50 @@ class _Shuffle(Dataset):
         self._parent, self._buffer_size, self._seed = parent, buffer_size, seed
         self._passes = 0
 
-    def _generator(self, seed: int) -> random.Random:
+    def _pass_seed(self, seed: int) -> int:
         base = seed if self._seed is None else self._seed
         self._passes += 1
-        return random.Random(base * 1_000_003 + self._passes)
+        return (base * 1_000_003 + self._passes) % 2**63
 
     def table(self, seed: int) -> Table | None:
         parent = self._parent.table(seed)
         if parent is None:
             return None
-        positions = _buffered_shuffle(range(len(parent)), self._buffer_size, self._generator(seed))
-        return Table(parent.tensors, parent.order[torch.tensor(positions, dtype=torch.long)])
+        rng = np.random.default_rng(self._pass_seed(seed))
+        positions = torch.from_numpy(buffered_shuffle_positions(len(parent), self._buffer_size, rng))
+        return Table(parent.tensors, parent.order[positions])
 
     def _elements(self, seed: int) -> Iterator[Element]:
-        return iter(_buffered_shuffle(self._parent.iterate(seed), self._buffer_size,
-                                      self._generator(seed)))
+        items = list(self._parent.iterate(seed))
+        rng = np.random.default_rng(self._pass_seed(seed))
+        return (items[i] for i in buffered_shuffle_positions(len(items), self._buffer_size, rng))
 
     def cardinality(self) -> int | None:
         return self._parent.cardinality()
 
 
-def _buffered_shuffle(items, buffer_size: int, rng: random.Random) -> list:
-    """tf.data's shuffle: fill a buffer, then emit a random buffered item per new item."""
-    buffer, out = [], []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        j = rng.randrange(buffer_size)
-        out.append(buffer[j])
-        buffer[j] = item
-    rng.shuffle(buffer)
-    out.extend(buffer)
-    return out
+def buffered_shuffle_positions(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order tf.data's ``shuffle(buffer_size)`` gives ``n`` items, computed without a loop.
+
+    tf.data fills a buffer with the first ``buffer_size`` items; then for each further item it
+    emits a random buffered item and puts the new one in its slot; at the end it emits the
+    buffer in random order. The item emitted at step ``t`` is whatever was last put into the
+    chosen slot before ``t``: grouping the steps by slot gives every answer at once.
+    """
+    if buffer_size >= n:
+        return rng.permutation(n)
+    steps = n - buffer_size
+    slots = rng.integers(0, buffer_size, size=steps)
+    incoming = np.arange(buffer_size, n)
+    by_slot = np.lexsort((np.arange(steps), slots))
+    slot_sorted, incoming_sorted = slots[by_slot], incoming[by_slot]
+    same_slot_before = np.r_[False, slot_sorted[1:] == slot_sorted[:-1]]
+    emitted = np.empty(steps, dtype=np.int64)
+    emitted[by_slot] = np.where(same_slot_before, np.r_[0, incoming_sorted[:-1]], slot_sorted)
+    last_in_slot = np.r_[slot_sorted[1:] != slot_sorted[:-1], True]
+    remaining = np.arange(buffer_size)
+    remaining[slot_sorted[last_in_slot]] = incoming_sorted[last_in_slot]
+    return np.concatenate([emitted, rng.permutation(remaining)])
 
 
 class _Batch(Dataset):

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data.dataset import Dataset
+from torch.utils import _pytree as pytree
+
+from ..data.dataset import Dataset, Table
 from ..strategies import DistributedDataset, Strategy
 from .callbacks import Callback, History, ProgressBar, read_logs
 from .metrics import Mean, Metric
-from .specs import describe_tensor
+from .steps import make_train_step
 
 if TYPE_CHECKING:
     from .model import Model
@@ -31,14 +33,47 @@ def as_dataset(x: Any, y: torch.Tensor | None, batch_size: int) -> Dataset | Dis
     raise TypeError(f"Expected a distsave Dataset or a tensor. Received: {type(x).__name__}.")
 
 
-def _global_batches(data: Dataset | DistributedDataset, strategy: Strategy) -> Iterator[tuple[int, Any]]:
-    """Yield ``(global batch size, this replica's part on its device)`` for one pass."""
+_DEVICE_TABLES = 4  # datasets kept on a device per model (train, validation, ...)
+
+
+def _device_tensors(model: Model, table: Table, device: torch.device) -> Any | None:
+    """The table's tensors on ``device``, moved once and kept (if they fit comfortably)."""
+    cache: dict = model.__dict__.setdefault("_device_tables", {})
+    key = (id(table.tensors), device)
+    if key not in cache:
+        nbytes = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(table.tensors))
+        if nbytes > torch.cuda.mem_get_info(device)[0] // 4:
+            return None
+        while len(cache) >= _DEVICE_TABLES:
+            cache.pop(next(iter(cache)))
+        cache[key] = (table.tensors, pytree.tree_map(lambda t: t.to(device), table.tensors))
+    return cache[key][1]
+
+
+def _global_batches(model: Model, data: Dataset | DistributedDataset,
+                    strategy: Strategy) -> Iterator[tuple[int, Any]]:
+    """Yield ``(global batch size, this replica's part on its device)`` for one pass.
+
+    On a GPU, a table-backed pipeline (slices, cache, shuffle, batch) is moved to the device
+    once and each batch is gathered there: no host work or copy per step.
+    """
     dataset = data.dataset if isinstance(data, DistributedDataset) else data
     seed = strategy.broadcast_object(random.getrandbits(63))
-    for batch in dataset.iterate(seed):
-        first = batch[0] if isinstance(batch, (tuple, list)) else batch
-        size = len(first) if isinstance(first, torch.Tensor) and first.ndim else 1
-        yield size, strategy.shard(batch)
+    row_batches = getattr(dataset, "row_batches", None)
+    rows = row_batches(seed) if row_batches is not None and strategy.device.type == "cuda" else None
+    tensors = _device_tensors(model, rows[0], strategy.device) if rows else None
+    if tensors is None:
+        for batch in dataset.iterate(seed) if rows is None else (rows[0].gather(b) for b in rows[1]):
+            first = batch[0] if isinstance(batch, (tuple, list)) else batch
+            size = len(first) if isinstance(first, torch.Tensor) and first.ndim else 1
+            yield size, strategy.shard(batch)
+        return
+    sizes = [len(b) for b in rows[1]]
+    order = torch.cat(rows[1]).to(strategy.device, non_blocking=True) if sizes else None
+    for size, indices in zip(sizes, order.split(sizes) if sizes else []):
+        if strategy.num_replicas_in_sync > 1:
+            indices = torch.tensor_split(indices, strategy.num_replicas_in_sync)[strategy.replica_id]
+        yield size, pytree.tree_map(lambda t: t[indices], tensors)
 
 
 def _split(batch: Any, supervised: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -56,17 +91,6 @@ def _split(batch: Any, supervised: bool) -> tuple[torch.Tensor, torch.Tensor | N
     if isinstance(batch, (tuple, list)):
         return batch[0], None
     return batch, None
-
-
-def _first_forward(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    try:
-        return module(x)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"The model failed on the first batch of inputs, a {describe_tensor(x)} tensor: {error}. "
-            "Check that the dataset's map gives the dtype and shape the first layer expects "
-            "(e.g. float32 [batch, 1, 28, 28] for nn.Conv2d(1, ...))."
-        ) from error
 
 
 class _LiveLogs(Mapping):
@@ -98,9 +122,8 @@ def fit(model: Model, data: Dataset | DistributedDataset, *, epochs: int,
         validation_data: Any, callbacks: list[Callback], verbose: int) -> History:
     strategy = model.distribute_strategy
     model.to(strategy.device)
-    train_module = model.train_module()
-    loss_metric = Mean("loss")
-    metrics = [loss_metric, *model.compiled_metrics]
+    metrics = [Mean("loss"), *model.compiled_metrics]
+    step = make_train_step(model, model.train_module(), strategy, metrics)
     history = History()
     steps = data.dataset.cardinality() if isinstance(data, DistributedDataset) else data.cardinality()
     callbacks = [*callbacks, history]
@@ -110,45 +133,28 @@ def fit(model: Model, data: Dataset | DistributedDataset, *, epochs: int,
         callback.set_model(model)
         callback.set_params({"epochs": model.epoch + epochs, "steps": steps, "verbose": verbose})
         callback.on_train_begin()
-    replicas = strategy.num_replicas_in_sync
-    checked = False
     live = _LiveLogs(metrics)
-    for epoch in range(model.epoch, model.epoch + epochs):
-        model.train()
-        for metric in metrics:
-            metric.reset()
-        for callback in callbacks:
-            callback.on_epoch_begin(epoch)
-        for index, (global_size, batch) in enumerate(_global_batches(data, strategy)):
-            x, y = _split(batch, supervised=True)
-            local = len(y)
-            if not checked:
-                pred = _first_forward(train_module, x)
-                model.loss.check(pred, y)
-                checked = True
-            else:
-                pred = train_module(x)
-            if local:
-                loss = model.loss(pred, y)
-                # Each replica's mean loss, scaled so DDP's average is the global-batch mean.
-                (loss * (local * replicas / global_size)).backward()
-                loss_metric.update_value(loss.detach(), local)
-                for metric in model.compiled_metrics:
-                    metric.update(pred.detach(), y)
-            else:
-                (pred.sum() * 0).backward()
-            model.optimizer.step()
-            model.optimizer.zero_grad(set_to_none=True)
-            model.step += 1
-            for callback in callbacks:
-                callback.on_train_batch_end(index, live)
-        logs = _merge(metrics, strategy)
-        if validation_data is not None:
-            logs.update({f"val_{k}": v for k, v in evaluate(model, validation_data, verbose=0).items()})
+    try:
+        for epoch in range(model.epoch, model.epoch + epochs):
             model.train()
-        model.epoch = epoch + 1
-        for callback in callbacks:
-            callback.on_epoch_end(epoch, logs)
+            step.begin_epoch()
+            for callback in callbacks:
+                callback.on_epoch_begin(epoch)
+            for index, (global_size, batch) in enumerate(_global_batches(model, data, strategy)):
+                x, y = _split(batch, supervised=True)
+                step(x, y, global_size)
+                model.step += 1
+                for callback in callbacks:
+                    callback.on_train_batch_end(index, live)
+            logs = _merge(metrics, strategy)
+            if validation_data is not None:
+                logs.update({f"val_{k}": v for k, v in evaluate(model, validation_data, verbose=0).items()})
+                model.train()
+            model.epoch = epoch + 1
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, logs)
+    finally:
+        step.end()
     for callback in callbacks:
         callback.on_train_end()
     return history
@@ -163,7 +169,7 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int) 
     metrics = [loss_metric, *model.compiled_metrics]
     for metric in metrics:
         metric.reset()
-    for _, batch in _global_batches(data, strategy):
+    for _, batch in _global_batches(model, data, strategy):
         x, y = _split(batch, supervised=True)
         if len(y) == 0:
             continue
@@ -183,7 +189,7 @@ def predict(model: Model, data: Dataset | DistributedDataset) -> torch.Tensor:
     model.to(strategy.device)
     model.eval()
     outputs = []
-    for _, batch in _global_batches(data, strategy):
+    for _, batch in _global_batches(model, data, strategy):
         x, _ = _split(batch, supervised=False)
         outputs.append(strategy.gather(model(x)) if strategy.num_replicas_in_sync > 1 else model(x))
     return torch.cat(outputs)

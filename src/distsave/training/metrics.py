@@ -24,8 +24,12 @@ class Metric:
         step = torch.stack([total.detach().double(), torch.as_tensor(count, device=total.device).double()])
         self._state = step if self._state is None else self._state + step
 
-    def update(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> None:
+    def contribution(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """This batch's ``(total, count)``, computed on the device without a sync."""
         raise NotImplementedError
+
+    def update(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> None:
+        self._accumulate(*self.contribution(y_pred, y_true))
 
     def state(self, device: torch.device) -> torch.Tensor:
         return self._state if self._state is not None else torch.zeros(2, dtype=torch.float64, device=device)
@@ -48,13 +52,13 @@ class Mean(Metric):
 
 
 class SparseCategoricalAccuracy(Metric):
-    def update(self, y_pred, y_true):
-        self._accumulate((y_pred.argmax(-1) == y_true).sum(), y_true.numel())
+    def contribution(self, y_pred, y_true):
+        return (y_pred.argmax(-1) == y_true).sum(), y_true.numel()
 
 
 class CategoricalAccuracy(Metric):
-    def update(self, y_pred, y_true):
-        self._accumulate((y_pred.argmax(-1) == y_true.argmax(-1)).sum(), y_true.shape[0])
+    def contribution(self, y_pred, y_true):
+        return (y_pred.argmax(-1) == y_true.argmax(-1)).sum(), y_true.shape[0]
 
 
 class BinaryAccuracy(Metric):
@@ -62,8 +66,8 @@ class BinaryAccuracy(Metric):
         super().__init__(name)
         self.threshold = threshold  # 0.0 on logits; 0.5 on probabilities
 
-    def update(self, y_pred, y_true):
-        self._accumulate(((y_pred > self.threshold) == (y_true > 0.5)).sum(), y_true.numel())
+    def contribution(self, y_pred, y_true):
+        return ((y_pred > self.threshold) == (y_true > 0.5)).sum(), y_true.numel()
 
     def get_config(self):
         return {"name": self.name, "threshold": self.threshold}

@@ -54,6 +54,7 @@ class Model(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self.epoch = 0
         self.step = 0
+        self.jit_compile: bool | str = "auto"
         self._strategy: Strategy | None = get_strategy() if has_strategy() else None
         self.register_forward_pre_hook(_check_or_record_inputs)
 
@@ -77,7 +78,8 @@ class Model(nn.Module):
     # -- compile ------------------------------------------------------------------------
     def compile(self, optimizer: OptimizerLike = "rmsprop",
                 loss: str | Loss | nn.Module | Callable | None = None,
-                metrics: Sequence[str | Metric] | None = None) -> None:
+                metrics: Sequence[str | Metric] | None = None, *,
+                jit_compile: bool | str = "auto") -> None:
         """Choose the loss, optimizer and metrics; names are resolved now and kept resolved.
 
         Args:
@@ -87,12 +89,18 @@ class Model(nn.Module):
                 distsave `Loss`, an ``nn`` loss module, or a function ``(y_pred, y_true)``.
             metrics: Names or `Metric` objects; ``"accuracy"`` becomes the variant that fits
                 the loss (sparse categorical for integer labels) and stays so after loading.
+            jit_compile: ``"auto"`` captures the whole train step as a CUDA graph where that is
+                safe (one GPU replica, a capturable optimizer) and falls back to eager with a
+                log line where capture fails; ``True`` requires it; ``False`` never does it.
 
         Raises:
             ValueError: an unknown name. TypeError: an object of the wrong kind.
         """
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='sparse_categorical_crossentropy'.")
+        if jit_compile not in (True, False, "auto"):
+            raise ValueError(f"Expected jit_compile=True, False or 'auto'. Received: {jit_compile!r}.")
+        self.jit_compile = jit_compile
         if has_strategy():
             self._strategy = get_strategy()
         self.to(self.distribute_strategy.device)

@@ -1,0 +1,171 @@
+"""Train steps: one optimisation step per batch, metrics summed on the device.
+
+`TrainStep` runs eagerly anywhere. `CapturedTrainStep` records the whole step (forward,
+backward, optimizer, metric sums) once as a CUDA graph and replays it per batch, which removes
+the per-kernel launch cost that bounds small models; batches of another shape (the last,
+smaller one) run eagerly, and if capture is impossible it falls back to eager with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..strategies import Strategy
+from .metrics import Metric
+from .specs import describe_tensor
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["CapturedTrainStep", "TrainStep", "make_train_step"]
+
+logger = logging.getLogger(__name__)
+_WARMUP_STEPS = 3
+_GRAPH_SAFE_OPTIMIZERS = (torch.optim.SGD,)  # graph-safe without a 'capturable' flag
+
+
+class TrainStep:
+    """Eager training step. ``metrics[0]`` is the loss mean; sums live in one device tensor."""
+
+    def __init__(self, model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]):
+        self.model, self.module, self.strategy, self.metrics = model, module, strategy, metrics
+        self.sums = torch.zeros(len(metrics), 2, dtype=torch.float64, device=strategy.device)
+        self.checked = False
+        self.grads_to_none = True  # cheaper eagerly; a captured graph needs its grads to stay put
+
+    def begin_epoch(self) -> None:
+        """Zero the sums; each metric's state becomes a live view of its row."""
+        self.sums.zero_()
+        for metric, row in zip(self.metrics, self.sums):
+            metric.set_state(row)
+
+    def end(self) -> None:
+        """Undo anything the step changed for its own sake (see `CapturedTrainStep`)."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
+        if not self.checked:
+            self._check(x, y)
+        if len(y) == 0:  # this replica's part of a tiny global batch is empty: join DDP anyway
+            (self.module(x).sum() * 0).backward()
+            self._apply()
+            return
+        replicas = self.strategy.num_replicas_in_sync
+        self._step(x, y, len(y) * replicas / global_size)
+
+    def _check(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        try:
+            pred = self.module(x)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"The model failed on the first batch of inputs, a {describe_tensor(x)} tensor: "
+                f"{error}. Check that the dataset's map gives the dtype and shape the first layer "
+                "expects (e.g. float32 [batch, 1, 28, 28] for nn.Conv2d(1, ...))."
+            ) from error
+        self.model.loss.check(pred, y)
+        self.checked = True
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
+        pred = self.module(x)
+        loss = self.model.loss(pred, y)
+        # Each replica's mean loss, scaled so DDP's average is the global-batch mean.
+        (loss * scale if scale != 1 else loss).backward()
+        self._apply()
+        pred, count = pred.detach(), torch.full((), len(y), dtype=torch.float64, device=y.device)
+        rows = [torch.stack([loss.detach().double() * count, count])]
+        for metric in self.metrics[1:]:
+            total, n = metric.contribution(pred, y)
+            rows.append(torch.stack([total.double(), torch.full_like(count, n)]))
+        self.sums.add_(torch.stack(rows))
+
+    def _apply(self) -> None:
+        self.model.optimizer.step()
+        self.model.optimizer.zero_grad(set_to_none=self.grads_to_none)
+
+
+class CapturedTrainStep(TrainStep):
+    """The same step, captured as a CUDA graph after a few eager warm-up steps."""
+
+    def __init__(self, model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]):
+        super().__init__(model, module, strategy, metrics)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.failed = False
+        self.warmed = 0
+        self.grads_to_none = False
+        self._capturable = [group.get("capturable") for group in model.optimizer.param_groups]
+        for group in model.optimizer.param_groups:
+            if "capturable" in group:
+                group["capturable"] = True
+        self._move_steps(strategy.device)
+        self._side = torch.cuda.Stream(strategy.device)
+
+    def _move_steps(self, device: torch.device) -> None:
+        for state in self.model.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].to(device)
+
+    def end(self) -> None:
+        """Leave the optimizer as the plain path keeps it (so artifacts never say 'capturable')."""
+        torch.cuda.synchronize(self.strategy.device)
+        for group, flag in zip(self.model.optimizer.param_groups, self._capturable):
+            if flag is not None:
+                group["capturable"] = flag
+        if not any(self._capturable):
+            self._move_steps(torch.device("cpu"))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
+        if not self.checked:
+            self._check(x, y)
+        if self.graph is not None and x.shape == self.static_x.shape:
+            self.static_x.copy_(x)
+            self.static_y.copy_(y)
+            self.graph.replay()
+        elif self.failed or self.graph is not None or len(y) == 0:
+            super().__call__(x, y, global_size)
+        elif self.warmed < _WARMUP_STEPS:
+            self._side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._side):
+                self._step(x, y, 1.0)
+            torch.cuda.current_stream().wait_stream(self._side)
+            self.warmed += 1
+        else:
+            self._capture(x, y)
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.static_x, self.static_y = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step(self.static_x, self.static_y, 1.0)
+        except Exception as error:  # any capture failure means: train eagerly instead
+            self.failed = True
+            torch.cuda.synchronize(self.strategy.device)
+            logger.warning("fit: cannot capture the train step as a CUDA graph (%s: %s); "
+                           "training eagerly. compile(jit_compile=False) silences this.",
+                           type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            self._step(x, y, 1.0)
+            return
+        self.graph = graph
+        graph.replay()
+
+
+def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]) -> TrainStep:
+    """The captured step where it is safe and wanted, else the eager one."""
+    mode = model.jit_compile
+    reasons = []
+    if strategy.device.type != "cuda":
+        reasons.append("the model is not on a CUDA device")
+    if strategy.num_replicas_in_sync > 1:
+        reasons.append("several replicas average gradients between steps")
+    optimizer = model.optimizer
+    if "capturable" not in optimizer.defaults and not isinstance(optimizer, _GRAPH_SAFE_OPTIMIZERS):
+        reasons.append(f"{type(optimizer).__name__} has no 'capturable' mode")
+    if mode is True and reasons:
+        raise ValueError("compile(jit_compile=True) needs a CUDA-graph-safe setup, but "
+                         + "; ".join(reasons) + ". Use jit_compile='auto' or False.")
+    if mode is False or reasons:
+        return TrainStep(model, module, strategy, metrics)
+    return CapturedTrainStep(model, module, strategy, metrics)

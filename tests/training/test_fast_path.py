@@ -1,0 +1,29 @@
+"""The captured (CUDA graph) train step's choices, as far as a CPU can check them; the step
+itself is compared with the eager one in tests/gpu."""
+
+import pytest
+
+from tests.conftest import cnn_model
+
+from distsave.training.steps import CapturedTrainStep, TrainStep, make_train_step
+
+
+def test_auto_on_a_cpu_trains_eagerly(small_train):
+    model = cnn_model()
+    assert model.jit_compile == "auto"
+    step = make_train_step(model, model, model.distribute_strategy, [])
+    assert type(step) is TrainStep and not isinstance(step, CapturedTrainStep)
+    history = model.fit(small_train, epochs=1, verbose=0)
+    assert history.history["loss"][0] > 0
+
+
+def test_requiring_capture_where_it_is_impossible_says_why():
+    model = cnn_model()
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="adagrad", jit_compile=True)
+    with pytest.raises(ValueError, match="not on a CUDA device.*Adagrad has no 'capturable' mode"):
+        make_train_step(model, model, model.distribute_strategy, [])
+
+
+def test_jit_compile_takes_three_values():
+    with pytest.raises(ValueError, match="jit_compile"):
+        cnn_model().compile(loss="mse", optimizer="adam", jit_compile="xla")
