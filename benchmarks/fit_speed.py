@@ -37,6 +37,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def test_accuracy(model: nn.Module, device: torch.device) -> float:
+    images, labels = next(iter(distsave.datasets.load("mnist", split="test").batch(10000)))
+    model.eval()
+    with torch.no_grad():
+        predictions = model(images.to(device).float() / 255).argmax(1).cpu()
+    return (predictions == labels).double().mean().item()
+
+
 def timed_epochs(run_epoch: Callable[[], None], device: torch.device) -> float:
     """Run EPOCHS epochs; samples/s of the last one."""
     for epoch in range(EPOCHS):
@@ -62,7 +70,7 @@ def typical_loop(images, labels, batch, device) -> float:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return timed_epochs(epoch, device)
+    return timed_epochs(epoch, device), test_accuracy(model, device)
 
 
 def device_eager(images, labels, batch, device) -> float:
@@ -77,7 +85,7 @@ def device_eager(images, labels, batch, device) -> float:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return timed_epochs(epoch, device)
+    return timed_epochs(epoch, device), test_accuracy(model, device)
 
 
 def captured_graph(images, labels, batch, device) -> float:
@@ -110,10 +118,10 @@ def captured_graph(images, labels, batch, device) -> float:
             static_x.copy_(x_all[rows])
             static_y.copy_(y_all[rows])
             graph.replay()
-    return timed_epochs(epoch, device)
+    return timed_epochs(epoch, device), test_accuracy(model, device)
 
 
-def lightning_fit(images, labels, batch, device) -> float | None:
+def lightning_fit(images, labels, batch, device) -> tuple[float, float] | None:
     try:
         import lightning.pytorch as pl
     except ImportError:
@@ -149,8 +157,9 @@ def lightning_fit(images, labels, batch, device) -> float | None:
     trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="gpu" if device.type == "cuda" else "cpu",
                          devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    trainer.fit(Module(), loader)
-    return timer.rate
+    module = Module()
+    trainer.fit(module, loader)
+    return timer.rate, test_accuracy(module.net.to(device), device)
 
 
 def distsave_fit(train, batch, device) -> tuple[float, float]:
@@ -172,9 +181,7 @@ def distsave_fit(train, batch, device) -> tuple[float, float]:
         model = distsave.Sequential(workflow_cnn())
         model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
     model.fit(pipeline, epochs=EPOCHS, callbacks=[timer])
-    test = distsave.datasets.load("mnist", split="test").map(
-        lambda image, label: (image.float() / 255, label)).batch(1000)
-    return timer.rate, model.evaluate(test, verbose=0, return_dict=True)["accuracy"]
+    return timer.rate, test_accuracy(model, device)
 
 
 def main() -> None:
@@ -188,25 +195,26 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# fit speed: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     for batch in args.batch:
-        rates: dict[str, float | None] = {"typical loop (DataLoader + eager step)": typical_loop(images, labels, batch, device)}
+        results: dict[str, tuple[float, float] | None] = {
+            "typical loop (DataLoader + eager step)": typical_loop(images, labels, batch, device)}
         if device.type == "cuda":
-            rates["data on device, eager step"] = device_eager(images, labels, batch, device)
-            rates["captured CUDA graph step (limit)"] = captured_graph(images, labels, batch, device)
+            results["data on device, eager step"] = device_eager(images, labels, batch, device)
+            results["captured CUDA graph step (limit)"] = captured_graph(images, labels, batch, device)
         if not args.skip_lightning:
-            rates["Lightning Trainer.fit"] = lightning_fit(images, labels, batch, device)
-        fit_rate, accuracy = distsave_fit(train, batch, device)
-        rates["distsave fit"] = fit_rate
-        typical = rates["typical loop (DataLoader + eager step)"]
-        limit = rates.get("captured CUDA graph step (limit)")
-        print(f"\n## {batch} examples per step (distsave fit test accuracy {accuracy:.4f})\n")
-        print("| way of training | samples/s | vs typical loop | vs captured graph |")
-        print("|---|---:|---:|---:|")
-        for name, rate in rates.items():
-            if rate is None:
-                print(f"| {name} | not installed | | |")
+            results["Lightning Trainer.fit"] = lightning_fit(images, labels, batch, device)
+        results["distsave fit"] = distsave_fit(train, batch, device)
+        typical = results["typical loop (DataLoader + eager step)"][0]
+        limit = results.get("captured CUDA graph step (limit)")
+        print(f"\n## {batch} examples per step\n")
+        print("| way of training | samples/s | vs typical loop | vs captured graph | test accuracy |")
+        print("|---|---:|---:|---:|---:|")
+        for name, result in results.items():
+            if result is None:
+                print(f"| {name} | not installed | | | |")
                 continue
-            vs_limit = f"{rate / limit:.2f}x" if limit else ""
-            print(f"| {name} | {rate:,.0f} | {rate / typical:.2f}x | {vs_limit} |")
+            rate, accuracy = result
+            vs_limit = f"{rate / limit[0]:.2f}x" if limit else ""
+            print(f"| {name} | {rate:,.0f} | {rate / typical:.2f}x | {vs_limit} | {accuracy:.4f} |")
 
 
 if __name__ == "__main__":

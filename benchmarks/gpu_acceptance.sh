@@ -24,6 +24,6 @@ print(json.dumps(reports, indent=1))
 PY
 tar -C /tmp -cf "$OUT/gpu_model.tar" gpu_model
 echo "== GPU tests"
-python3 -m pytest -q -p no:cacheprovider -p no:logging tests/gpu tests/saving/test_saved_model.py 2>&1 | tail -25
+python3 -m pytest -q -p no:cacheprovider tests/gpu tests/saving/test_saved_model.py tests/layers 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 echo "== distsave demo on the GPU"
 python3 -m distsave.cli demo --workdir /tmp/demo 2>&1 | tee "$OUT/demo.log" | tail -20

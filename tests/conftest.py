@@ -19,6 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
+@pytest.fixture(autouse=True)
+def cpu_default_strategy(request, monkeypatch):
+    """Outside tests/gpu, "no strategy" means the CPU even on a machine with a GPU."""
+    if "gpu" not in request.path.parts:
+        monkeypatch.setattr(distsave.strategies.base, "_default", distsave.OneDeviceStrategy("cpu"))
+
+
 def scale(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return image.float() / 255, label
 

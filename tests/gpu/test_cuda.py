@@ -40,7 +40,9 @@ def test_mirrored_one_gpu_uses_nccl_and_trains(mnist, tmp_path):
     restored.fit(mnist["train"].take(1024).map(scale).batch(64), epochs=1, verbose=0)
 
 
-def test_loaded_signature_runs_on_the_gpu_under_a_strategy(trained, tmp_path):
+def test_loaded_signature_runs_on_the_gpu_under_a_strategy(tmp_path):
+    with distsave.OneDeviceStrategy("cpu").scope():
+        trained = cnn_model()
     distsave.saved_model.save(trained, tmp_path / "sm")
     with distsave.OneDeviceStrategy("cuda:0").scope():
         loaded = distsave.saved_model.load(tmp_path / "sm")

@@ -10,7 +10,8 @@ import distsave
 
 artifact, out = Path(sys.argv[1]), Path(sys.argv[2])
 strategy = distsave.MirroredStrategy(devices=["cpu", "cpu"])
-loaded = distsave.saved_model.load(artifact)
+with strategy.scope():
+    loaded = distsave.saved_model.load(artifact)
 test = distsave.datasets.load("mnist", split="test").take(500).map(
     lambda image, label: (image.float() / 255, label)).batch(128)
 outputs, labels = [], []

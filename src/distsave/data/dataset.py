@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -149,11 +150,29 @@ class _Map(Dataset):
     def __init__(self, parent: Dataset, fn: Callable[..., Element]):
         self._parent, self._fn = parent, fn
 
+    def _call(self, element: Element) -> Element:
+        out = self._fn(*element) if isinstance(element, tuple) else self._fn(element)
+        _check_structure(out)
+        return out
+
     def _elements(self, seed: int) -> Iterator[Element]:
         for element in self._parent.iterate(seed):
-            out = self._fn(*element) if isinstance(element, tuple) else self._fn(element)
-            _check_structure(out)
-            yield out
+            yield self._call(element)
+
+    def mapped_table(self, seed: int) -> Element | None:
+        """Every element mapped at once with ``torch.vmap`` (what `cache` stores), or None
+        where the parent is not a table or ``fn`` is not vmap-able (then it runs per element).
+        vmap gives exactly the per-element results, so the choice is invisible."""
+        table = self._parent.table(seed)
+        if table is None:
+            return None
+        rows = table.gather(table.order)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.vmap(self._call)(rows)
+        except Exception:  # data-dependent Python, randomness, in-place ops: map per element
+            return None
 
     def cardinality(self) -> int | None:
         return self._parent.cardinality()
@@ -166,11 +185,13 @@ class _Cache(Dataset):
 
     def table(self, seed: int) -> Table:
         if self._table is None:
-            elements = list(self._parent.iterate(seed))
-            if not elements:
-                raise ValueError("Cannot cache an empty dataset.")
-            stacked = _stack(elements)
-            self._table = Table(stacked, torch.arange(len(elements)))
+            stacked = self._parent.mapped_table(seed) if isinstance(self._parent, _Map) else None
+            if stacked is None:
+                elements = list(self._parent.iterate(seed))
+                if not elements:
+                    raise ValueError("Cannot cache an empty dataset.")
+                stacked = _stack(elements)
+            self._table = Table(stacked, torch.arange(len(pytree.tree_leaves(stacked)[0])))
         return self._table
 
     def cardinality(self) -> int | None:

@@ -75,7 +75,8 @@ class ProgressBar(Callback):
 
     def _description(self, logs: Logs) -> str:
         per_step = (time.monotonic() - self._start) / max(self._steps, 1)
-        return f"{per_step * 1000:.0f}ms/step - {_format(logs)}"
+        pace = f"{per_step * 1e3:.0f}ms/step" if per_step >= 1e-3 else f"{per_step * 1e6:.0f}us/step"
+        return f"{pace} - {_format(logs)}"
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps = batch + 1
