@@ -23,7 +23,8 @@ def test_one_device_cuda_trains_and_loads_on_cpu_with_the_same_predictions(mnist
         restored = distsave.load_model(tmp_path / "m")
     torch.testing.assert_close(restored.predict(images), on_gpu, rtol=1e-4, atol=1e-4)
     served = distsave.saved_model.load(tmp_path / "m").signatures["serving_default"](images)["output_0"]
-    torch.testing.assert_close(served, on_gpu, rtol=1e-4, atol=1e-4)
+    assert served.device.type == "cuda"  # no scope: the default strategy's device, as in TF
+    torch.testing.assert_close(served.cpu(), on_gpu, rtol=1e-4, atol=1e-4)
 
 
 def test_mirrored_one_gpu_uses_nccl_and_trains(mnist, tmp_path):
@@ -42,7 +43,7 @@ def test_mirrored_one_gpu_uses_nccl_and_trains(mnist, tmp_path):
 
 def test_loaded_signature_runs_on_the_gpu_under_a_strategy(tmp_path):
     with distsave.OneDeviceStrategy("cpu").scope():
-        trained = cnn_model()
+        trained = cnn_model(input_spec=distsave.TensorSpec((None, 1, 28, 28)))
     distsave.saved_model.save(trained, tmp_path / "sm")
     with distsave.OneDeviceStrategy("cuda:0").scope():
         loaded = distsave.saved_model.load(tmp_path / "sm")
@@ -60,6 +61,24 @@ def _train(mnist, jit_compile, examples=1000):
                       jit_compile=jit_compile)
     history = model.fit(mnist["train"].take(examples).map(scale).cache().batch(64), epochs=2, verbose=0)
     return model, history
+
+
+def test_a_program_exported_through_a_gpu_layer_runs_on_cpu_and_gpu(mnist, tmp_path):
+    with distsave.OneDeviceStrategy("cpu").scope():
+        base = cnn_model(input_spec=distsave.TensorSpec((None, 1, 28, 28)))
+    distsave.saved_model.save(base, tmp_path / "base")
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        layer = distsave.layers.SavedModelLayer(distsave.saved_model.load(tmp_path / "base"))
+        outer = distsave.Sequential([layer, torch.nn.Linear(10, 10)])
+        outer.compile(loss="sparse_categorical_crossentropy", optimizer="adam")
+    outer.fit(mnist["train"].take(256).map(scale).batch(64), epochs=1, verbose=0)
+    distsave.saved_model.save(outer, tmp_path / "outer")
+    x = torch.rand(3, 1, 28, 28)
+    expected = outer.predict(x).cpu()
+    for device in ("cpu", "cuda:0"):
+        with distsave.OneDeviceStrategy(device).scope():
+            served = distsave.saved_model.load(tmp_path / "outer").signatures["serving_default"](x)
+        torch.testing.assert_close(served["output_0"].cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_captured_step_matches_the_eager_step(mnist):

@@ -116,9 +116,16 @@ def check_program(program: dict[str, Any], where: str) -> list[str]:
     return [f"{where}: {p}" for p in dict.fromkeys(problems)]
 
 
+_DEVICE_ASSERT = "torch.ops.aten._assert_tensor_metadata.default"
+
+
 def _strip(program: dict[str, Any]) -> dict[str, Any]:
-    """Drop source-level metadata (stack traces, module paths): not needed to run, and private."""
+    """Drop what running does not need: source metadata (stack traces, module paths: private)
+    and input metadata asserts, which pin the device of the export and break portability
+    (signatures check their inputs' dtype and shape themselves)."""
     for obj in list(_dicts(program)):
+        if isinstance(obj.get("nodes"), list):
+            obj["nodes"] = [n for n in obj["nodes"] if n.get("target") != _DEVICE_ASSERT]
         if "target" in obj and "inputs" in obj and "outputs" in obj:
             obj["metadata"] = {}
     program["guards_code"] = []
