@@ -37,3 +37,9 @@ def test_default_strategy_without_scope_and_scope_nesting():
     with one.scope():
         assert distsave.get_strategy() is one
     assert distsave.get_strategy() is default
+
+
+def test_multi_worker_strategy_needs_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun --nnodes"):
+        distsave.MultiWorkerMirroredStrategy()

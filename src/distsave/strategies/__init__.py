@@ -2,8 +2,8 @@
 
 from .base import DistributedDataset, ReduceOp, Strategy, get_strategy, has_strategy
 from .devices import parse_device
-from .mirrored import MirroredStrategy
+from .mirrored import MirroredStrategy, MultiWorkerMirroredStrategy
 from .one_device import OneDeviceStrategy
 
-__all__ = ["DistributedDataset", "MirroredStrategy", "OneDeviceStrategy", "ReduceOp", "Strategy",
+__all__ = ["DistributedDataset", "MirroredStrategy", "MultiWorkerMirroredStrategy", "OneDeviceStrategy", "ReduceOp", "Strategy",
            "get_strategy", "has_strategy", "parse_device"]

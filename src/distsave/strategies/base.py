@@ -89,11 +89,12 @@ class Strategy:
     # -- computation --------------------------------------------------------------------
     def run(self, fn: Callable[..., Any], args: tuple = (), kwargs: dict | None = None) -> Any:
         """Run ``fn`` on this replica with its arguments moved to the replica's device."""
-        to_device = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        def to_device(value: Any) -> Any:
+            return value.to(self.device) if isinstance(value, torch.Tensor) else value
+
         args = pytree.tree_map(to_device, tuple(args))
         kwargs = pytree.tree_map(to_device, dict(kwargs or {}))
-        with torch.no_grad():
-            return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     def reduce(self, reduce_op: ReduceOp | str, value: Any, axis: int | None = None) -> Any:
         """Sum or average ``value`` over replicas (and over ``axis`` first, if given)."""

@@ -17,7 +17,7 @@ from .base import Strategy
 from .devices import parse_device
 from .launcher import launch_replicas, launched_by_torchrun_or_distsave
 
-__all__ = ["MirroredStrategy"]
+__all__ = ["MirroredStrategy", "MultiWorkerMirroredStrategy"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,3 +154,20 @@ class MirroredStrategy(Strategy):
         dist.all_gather(parts, padded, group=self._group)
         whole = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
         return whole.movedim(0, axis)
+
+
+class MultiWorkerMirroredStrategy(MirroredStrategy):
+    """MirroredStrategy over several machines: one replica per local GPU (or one CPU replica)
+    on each, all started by ``torchrun --nnodes M --nproc_per_node N ...``.
+
+    Raises:
+        RuntimeError: the program was not started by torchrun (or a launcher that sets
+            RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT).
+    """
+
+    def __init__(self, timeout: datetime.timedelta = datetime.timedelta(minutes=10)):
+        if not launched_by_torchrun_or_distsave():
+            raise RuntimeError("MultiWorkerMirroredStrategy joins processes started on every machine: "
+                               "run `torchrun --nnodes M --nproc_per_node N --rdzv-endpoint HOST:PORT "
+                               "train.py` on each, or use MirroredStrategy on one machine.")
+        super().__init__(devices=None, timeout=timeout)
