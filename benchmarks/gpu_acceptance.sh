@@ -27,3 +27,10 @@ echo "== GPU tests"
 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/saving/test_saved_model.py tests/layers 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 echo "== distsave demo on the GPU"
 python3 -m distsave.cli demo --workdir /tmp/demo 2>&1 | tee "$OUT/demo.log" | tail -20
+echo "== distsave demo under torchrun (one process per GPU)"
+python3 -m torch.distributed.run --nproc_per_node "$(python3 -c 'import torch; print(torch.cuda.device_count())')" \
+    -m distsave.cli demo --workdir /tmp/demo-torchrun 2>&1 | tail -16 > "$OUT/demo_torchrun.log"
+tail -3 "$OUT/demo_torchrun.log"
+echo "== scaling over the GPUs this machine has"
+python3 benchmarks/scaling.py --gpus $(seq -s ' ' 1 "$(python3 -c 'import torch; print(torch.cuda.device_count())')") \
+    --per-replica 64 1024 2>&1 | grep "^|\|^#" | tee "$OUT/scaling.md"

@@ -143,7 +143,7 @@ def run_demo(cpu_replicas: int | None = None, epochs: int = 2, workdir: str | Pa
         distributed = torch.cat(outputs).cpu()
         difference = _max_diff(distributed, model.predict(test))
         row.result = (f"accuracy {_accuracy(distributed, torch.cat(labels).cpu()):.4f}, "
-                      f"max |diff| vs model.predict {difference:.1e}")
+                      f"max abs diff vs model.predict {difference:.1e}")
     if not chief:
         return 0
 
@@ -174,7 +174,7 @@ def run_demo(cpu_replicas: int | None = None, epochs: int = 2, workdir: str | Pa
         reloaded = saved_model.load(exported)
         images, batch_labels = next(iter(test))
         logits = reloaded.signatures["serving_default"](images)["output_0"].cpu()
-        row.result = (f"accuracy {_accuracy(logits, batch_labels):.4f}, max |diff| vs eager "
+        row.result = (f"accuracy {_accuracy(logits, batch_labels):.4f}, max abs diff vs eager "
                       f"{_max_diff(logits, restored.predict(images)):.1e}")
 
     with table.step("SavedModelLayer(embed, trainable=True) transfer, 1 epoch") as row:
@@ -189,7 +189,7 @@ def run_demo(cpu_replicas: int | None = None, epochs: int = 2, workdir: str | Pa
         saved_model.save(transfer, workdir / "transfer_saved_model")
         again = load_model(workdir / "transfer_model").evaluate(test, verbose=0, return_dict=True)
         served = saved_model.load(workdir / "transfer_saved_model").signatures["serving_default"](images)
-        row.result = (f"load_model: {_scores(again)}; saved_model max |diff| "
+        row.result = (f"load_model: {_scores(again)}; saved_model max abs diff "
                       f"{_max_diff(served['output_0'], transfer.predict(images)):.1e}")
         row.size = _size(workdir / "transfer_model")
 
