@@ -27,7 +27,8 @@ def test_load_in_a_fresh_process_without_the_users_code(trained, tmp_path, small
     images = next(iter(small_test))[0][:5]
     np.save(tmp_path / "x.npy", images.numpy())
     code = ("import sys, numpy as np, torch, distsave\n"
-            "loaded = distsave.saved_model.load(sys.argv[1])\n"
+            "with distsave.OneDeviceStrategy('cpu').scope():\n"
+            "    loaded = distsave.saved_model.load(sys.argv[1])\n"
             "out = loaded.signatures['serving_default'](torch.from_numpy(np.load(sys.argv[2])))\n"
             "np.save(sys.argv[3], out['logits'].cpu().numpy())\n")
     run_python(["-c", code, str(tmp_path / "sm"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")])

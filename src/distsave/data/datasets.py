@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from .dataset import Dataset
-from .info import DatasetInfo
 from .mnist import load_mnist
 
 __all__ = ["load"]
