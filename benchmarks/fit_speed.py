@@ -56,6 +56,13 @@ def timed_epochs(run_epoch: Callable[[], None], device: torch.device) -> float:
     return 60000 / seconds
 
 
+def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def typical_loop(images, labels, batch, device) -> float:
     """DataLoader over CPU tensors, eager step, as most PyTorch tutorials write it."""
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels),
@@ -65,11 +72,7 @@ def typical_loop(images, labels, batch, device) -> float:
 
     def epoch():
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            eager_step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
     return timed_epochs(epoch, device), test_accuracy(model, device)
 
 
@@ -81,10 +84,7 @@ def device_eager(images, labels, batch, device) -> float:
 
     def epoch():
         for rows in torch.randperm(len(x_all), device=device).split(batch):
-            loss = nn.functional.cross_entropy(model(x_all[rows]), y_all[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            eager_step(model, optimizer, x_all[rows], y_all[rows])
     return timed_epochs(epoch, device), test_accuracy(model, device)
 
 

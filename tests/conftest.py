@@ -60,6 +60,21 @@ def trained(small_train) -> distsave.Sequential:
     return model
 
 
+@pytest.fixture
+def exported_with_embed(trained, tmp_path) -> Path:
+    """``trained`` saved with ``serving_default`` and an ``embed`` signature (64-d features)."""
+    from distsave.saved_model import Signature
+
+    def embed(x):
+        for layer in trained.layers[:-1]:
+            x = layer(x)
+        return x
+
+    distsave.saved_model.save(trained, tmp_path / "sm", signatures={
+        "serving_default": trained, "embed": Signature(embed, output_names=["embedding"])})
+    return tmp_path / "sm"
+
+
 def run_python(args: list[str], *, timeout: float = 600, env: dict | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run a real Python process (which may start replica processes of its own)."""

@@ -4,19 +4,11 @@ from torch import nn
 
 import distsave
 from distsave.layers import SavedModelLayer
-from distsave.saved_model import Signature
 
 
 @pytest.fixture
-def exported(trained, tmp_path):
-    def embed(x):
-        for layer in trained.layers[:-1]:
-            x = layer(x)
-        return x
-
-    distsave.saved_model.save(trained, tmp_path / "sm", signatures={
-        "serving_default": trained, "embed": Signature(embed, output_names=["embedding"])})
-    return tmp_path / "sm"
+def exported(exported_with_embed):
+    return exported_with_embed
 
 
 def transfer_model(exported, trainable):

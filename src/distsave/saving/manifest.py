@@ -86,6 +86,19 @@ def _safe_relative(name: Any) -> bool:
     return not PurePosixPath(name).is_absolute() and ".." not in parts and "." not in parts
 
 
+def read_json_object(file: Path, max_bytes: int, what: str) -> dict[str, Any]:
+    """A JSON object from an artifact file, refusing oversized or malformed content."""
+    if file.stat().st_size > max_bytes:
+        raise ArtifactError(f"{file} is larger than {max_bytes} bytes; refusing it.")
+    try:
+        content = json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{file} is not valid JSON ({error}); the artifact is corrupted.") from None
+    if not isinstance(content, dict):
+        raise ArtifactError(f"{file} is not a {what} (expected a JSON object).")
+    return content
+
+
 def read_manifest(path: str | os.PathLike, *, verify_checksums: bool = True) -> dict[str, Any]:
     """Read and validate an artifact's manifest and files.
 
@@ -102,15 +115,10 @@ def read_manifest(path: str | os.PathLike, *, verify_checksums: bool = True) -> 
     if not manifest_path.is_file() or manifest_path.is_symlink():
         raise ArtifactError(f"'{root}' has no {MANIFEST}, so it is not a distsave artifact (or it is "
                             "incomplete). Pass the directory that model.save or saved_model.save wrote.")
-    if manifest_path.stat().st_size > _MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{manifest_path} is larger than {_MAX_MANIFEST_BYTES} bytes; refusing it.")
-    try:
-        manifest = json.loads(manifest_path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{manifest_path} is not valid JSON ({error}); the artifact is corrupted.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+    manifest = read_json_object(manifest_path, _MAX_MANIFEST_BYTES, "distsave manifest")
+    if manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{manifest_path} does not describe a distsave artifact (format "
-                            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}).")
+                            f"{manifest.get('format')!r}).")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ArtifactError(f"{manifest_path} has format_version {version!r}; this distsave reads "

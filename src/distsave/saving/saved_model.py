@@ -26,7 +26,7 @@ from ..training.model import Model
 from ..training.specs import TensorSpec, describe_tensor
 from .architecture import module_spec
 from .errors import ArtifactError, SaveError
-from .manifest import read_manifest, write_manifest
+from .manifest import read_json_object, read_manifest, write_manifest
 from .model_format import WEIGHTS, write_on_chief
 from .program import build_program, export_program
 from .tensors import read_tensors, write_tensors
@@ -357,19 +357,6 @@ def _shared_state(modules: dict[str, nn.Module], entries: dict[str, Any],
     return shared
 
 
-def read_program(root: Path, relative: str) -> dict[str, Any]:
-    file = root / relative
-    if file.stat().st_size > _MAX_PROGRAM_BYTES:
-        raise ArtifactError(f"{relative} is larger than {_MAX_PROGRAM_BYTES} bytes; refusing it.")
-    try:
-        program = json.loads(file.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"{relative} is not a JSON program ({error}).") from None
-    if not isinstance(program, dict):
-        raise ArtifactError(f"{relative} is not a JSON program object.")
-    return program
-
-
 def load(path: str | os.PathLike) -> LoadedModel:
     """Load signatures and variables from a directory written by `save` or ``model.save``.
 
@@ -392,7 +379,8 @@ def load(path: str | os.PathLike) -> LoadedModel:
     constants = read_tensors(root, CONSTANTS) if has_constants else {}
     modules, programs = {}, {}
     for name, entry in manifest.get("signatures", {}).items():
-        program = programs[name] = read_program(root, entry["program"])
+        program = programs[name] = read_json_object(root / entry["program"], _MAX_PROGRAM_BYTES,
+                                                    "JSON program")
         missing = [v for v in list(entry["state"].values()) + list(entry["constants"].values())
                    if v not in variables and v not in constants]
         if missing:
