@@ -7,7 +7,6 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from torch.utils import _pytree as pytree
 
 from ..data.dataset import Dataset, Table
