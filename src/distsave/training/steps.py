@@ -47,8 +47,6 @@ class TrainStep:
         """Undo anything the step changed for its own sake (see `CapturedTrainStep`)."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
-        if not self.checked:
-            self._check(x, y)
         if len(y) == 0:  # this replica's part of a tiny global batch is empty: join DDP anyway
             (self.module(x).sum() * 0).backward()
             self._apply()
@@ -56,7 +54,10 @@ class TrainStep:
         replicas = self.strategy.num_replicas_in_sync
         self._step(x, y, len(y) * replicas / global_size)
 
-    def _check(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The forward pass; the first one also explains bad inputs and labels."""
+        if self.checked:
+            return self.module(x)
         try:
             pred = self.module(x)
         except (RuntimeError, TypeError) as error:
@@ -67,9 +68,10 @@ class TrainStep:
             ) from error
         self.model.loss.check(pred, y)
         self.checked = True
+        return pred
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
-        pred = self.module(x)
+        pred = self._forward(x, y)
         loss = self.model.loss(pred, y)
         # Each replica's mean loss, scaled so DDP's average is the global-batch mean.
         (loss * scale if scale != 1 else loss).backward()
@@ -117,8 +119,6 @@ class CapturedTrainStep(TrainStep):
             self._move_steps(torch.device("cpu"))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
-        if not self.checked:
-            self._check(x, y)
         if self.graph is not None and x.shape == self.static_x.shape:
             self.static_x.copy_(x)
             self.static_y.copy_(y)
