@@ -112,15 +112,14 @@ def restore_compile(model: Model, config: dict[str, Any], state_tensors: dict[st
     opt = config["optimizer"]
     cls = registered(opt["class"]) or optimizer_class(opt["class"])
     params = dict(model.named_parameters())
+    accepted = torch_defaults(cls)
     groups = []
     for group in opt["param_groups"]:
         missing = [n for n in group["params"] if n not in params]
         if missing:
             raise ArtifactError(f"The optimizer state names parameters the model lacks: {missing}.")
-        groups.append({**tuples_back({k: v for k, v in group.items() if k != "params"},
-                                     torch_defaults(cls)),
+        groups.append({**tuples_back({k: v for k, v in group.items() if k != "params"}, accepted),
                        "params": [params[n] for n in group["params"]]})
-    accepted = torch_defaults(cls)
     defaults = tuples_back({k: v for k, v in opt["defaults"].items() if k in accepted}, accepted)
     model.compile(optimizer=lambda _: cls(groups, **defaults), loss=loss, metrics=metrics)
     index = {name: i for i, name in enumerate(n for g in opt["param_groups"] for n in g["params"])}

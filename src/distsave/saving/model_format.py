@@ -7,7 +7,6 @@ index when ``max_shard_size`` asks) and ``optimizer.safetensors`` (optimizer sta
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from .tensors import read_tensors, write_tensors
 
 __all__ = ["WEIGHTS", "OPTIMIZER", "save_model", "load_model", "load_weights", "write_on_chief"]
 
-logger = logging.getLogger(__name__)
 WEIGHTS = "model"
 OPTIMIZER = "optimizer"
 KIND_MODEL = "model"
@@ -44,7 +42,7 @@ _NO_INPUTS = (
 def materialize(model: nn.Module, specs: list[TensorSpec] | None) -> None:
     """Give lazy layers their shapes by one call on zeros of the input spec."""
     if specs and any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        device = next((b.device for b in model.buffers()), torch.device("cpu"))
+        device = next(iter([*model.parameters(), *model.buffers()])).device
         was_training = model.training
         with torch.no_grad():
             model.eval()(*[s.example(2).to(device) for s in specs])

@@ -5,5 +5,5 @@ from .devices import parse_device
 from .mirrored import MirroredStrategy, MultiWorkerMirroredStrategy
 from .one_device import OneDeviceStrategy
 
-__all__ = ["DistributedDataset", "MirroredStrategy", "MultiWorkerMirroredStrategy", "OneDeviceStrategy", "ReduceOp", "Strategy",
-           "get_strategy", "has_strategy", "parse_device"]
+__all__ = ["DistributedDataset", "MirroredStrategy", "MultiWorkerMirroredStrategy",
+           "OneDeviceStrategy", "ReduceOp", "Strategy", "get_strategy", "has_strategy", "parse_device"]

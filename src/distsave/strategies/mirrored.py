@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import logging
 import os
 from typing import Any
 
@@ -18,8 +17,6 @@ from .devices import parse_device
 from .launcher import launch_replicas, launched_by_torchrun_or_distsave
 
 __all__ = ["MirroredStrategy", "MultiWorkerMirroredStrategy"]
-
-logger = logging.getLogger(__name__)
 
 
 def _replica_devices(devices: list[str] | None, world_size: int | None) -> list[torch.device]:
