@@ -106,13 +106,12 @@ def tiny_model(**kwargs) -> distsave.Sequential:
 
 def rewrite_manifest(artifact: Path, edit=lambda manifest: None) -> None:
     """Recompute every checksum after tampering, as a careful attacker would."""
-    import hashlib
-
-    from distsave.saving.manifest import MANIFEST, _canonical, _relative_files, sha256_of
+    from distsave.saving.format import MANIFEST
+    from distsave.saving.manifest import seal_manifest
+    from distsave.saving.tensor_io import chunk_digests
 
     manifest = json.loads((artifact / MANIFEST).read_text())
-    manifest["files"] = {rel: {"bytes": (artifact / rel).stat().st_size, "sha256": sha256_of(artifact / rel)}
-                         for rel in _relative_files(artifact)}
+    manifest["files"] = {p.relative_to(artifact).as_posix(): chunk_digests(p.read_bytes()).to_json()
+                         for p in sorted(artifact.rglob("*")) if p.is_file() and p.name != MANIFEST}
     edit(manifest)
-    manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    (artifact / MANIFEST).write_text(json.dumps(seal_manifest(manifest)))

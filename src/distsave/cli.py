@@ -50,33 +50,27 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _tensor_table(root: Path) -> list[dict[str, Any]]:
-    from safetensors import safe_open
+def _tensor_table(snapshot: Any) -> list[dict[str, Any]]:
+    """Every stored tensor, from the checked safetensors headers (no tensor data is read)."""
+    from .saving.format import CONSTANTS, OPTIMIZER, WEIGHTS, index_file, single_file
+    from .saving.tensor_io import DTYPES
 
+    codes = {dtype: code for code, dtype in DTYPES.items()}
     rows = []
-    for file in sorted(root.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                shape, dtype = piece.get_shape(), piece.get_dtype()
-                count = 1
-                for d in shape:
-                    count *= d
-                rows.append({"file": file.name, "name": key, "shape": shape, "dtype": dtype,
-                             "bytes": count * _DTYPE_BYTES.get(dtype, 4)})
+    for stem in (WEIGHTS, OPTIMIZER, CONSTANTS):
+        if snapshot.has(single_file(stem)) or snapshot.has(index_file(stem)):
+            for name, entry in sorted(snapshot.tensor_files(stem).items()):
+                rows.append({"file": stem, "name": name, "shape": list(entry.shape),
+                             "dtype": codes[entry.dtype], "bytes": entry.nbytes})
     return rows
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1}
-
-
 def _inspect(args: argparse.Namespace) -> int:
-    from .saving.manifest import read_manifest
+    from .saving.snapshot import Snapshot
 
     root = Path(args.path)
-    manifest = read_manifest(root)
-    tensors = _tensor_table(root)
+    with Snapshot.open(root) as snapshot:
+        manifest, tensors = snapshot.manifest, _tensor_table(snapshot)
     if args.json:
         print(json.dumps({"manifest": manifest, "tensors": tensors}, indent=2))
         return 0
@@ -86,41 +80,57 @@ def _inspect(args: argparse.Namespace) -> int:
     if manifest.get("trained_under"):
         print(f"trained under: {manifest['trained_under']}")
     if manifest.get("input_spec"):
-        print("inputs: " + ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in manifest["input_spec"]))
+        print("inputs: " + ", ".join(f"{s.get('name', 'x')}: {s['dtype']}{s['shape']}" for s in manifest["input_spec"]))
     print(f"parameters: {manifest.get('parameter_count', 0):,}")
+    if manifest.get("uninitialized"):
+        print(f"note: the model was saved before it was built: {len(manifest['uninitialized'])} lazy "
+              "tensor(s) have no shape yet, so there are no signatures and those weights are not stored")
     if manifest.get("architecture"):
         print("architecture:")
         print("\n".join(_architecture_lines(manifest["architecture"])))
     if manifest.get("compile"):
-        c = manifest["compile"]
-        loss = c["loss"].get("class") or c["loss"].get("name") or c["loss"].get("spec", {}).get("class")
-        print(f"compile: loss={loss} optimizer={c['optimizer']['class']} "
-              f"lr={c['optimizer']['param_groups'][0].get('lr')} "
-              f"metrics={[m['config'].get('name') + ' (' + m['class'] + ')' for m in c['metrics']]}")
+        print("compile: " + _compile_line(manifest["compile"]))
     if manifest.get("training_state"):
         state = manifest["training_state"]
-        print(f"training state: epoch {state['epoch']}, step {state['step']}")
+        print(f"training state: epoch {state.get('epoch', 0)}, step {state.get('step', 0)}")
     print(f"tensors ({len(tensors)}, {sum(t['bytes'] for t in tensors):,} bytes):")
     for t in tensors:
-        print(f"  {t['file']:<24} {t['name']:<40} {t['dtype']:<5} {str(t['shape']):<18} {t['bytes']:>12,}")
+        print(f"  {t['file']:<10} {t['name']:<40} {t['dtype']:<5} {str(t['shape']):<18} {t['bytes']:>12,}")
     signatures = manifest.get("signatures") or {}
     print(f"signatures ({len(signatures)}):" if signatures else "signatures: none")
     for name, entry in signatures.items():
-        ins = ", ".join(f"{s['name']}: {s['dtype']}{s['shape']}" for s in entry["inputs"])
+        ins = ", ".join(f"{s.get('name', 'x')}: {s['dtype']}{s['shape']}" for s in entry["inputs"])
         print(f"  {name}({ins}) -> {{{', '.join(entry['outputs'])}}}")
     return 0
 
 
+def _compile_line(config: dict[str, Any]) -> str:
+    """Loss, optimizer, learning rate and metrics, from a schema-checked compile entry."""
+    loss = config["loss"]
+    loss_name = loss.get("class") or loss.get("name") or (loss.get("spec") or {}).get("class")
+    optimizer = config["optimizer"]
+    groups = optimizer["param_groups"]
+    metrics = [f"{(m.get('config') or {}).get('name', '?')} ({m['class']})" for m in config.get("metrics", [])]
+    return (f"loss={loss_name} optimizer={optimizer['class']} "
+            f"lr={groups[0].get('lr') if groups else None} metrics={metrics}")
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .saving.errors import ArtifactError
-    from .saving.manifest import read_manifest
+    from .saving.format import CONSTANTS, OPTIMIZER, WEIGHTS, index_file, single_file
+    from .saving.snapshot import Snapshot
 
     try:
-        manifest = read_manifest(args.path)
+        with Snapshot.open(args.path) as snapshot:
+            for stem in (WEIGHTS, OPTIMIZER, CONSTANTS):
+                if snapshot.has(single_file(stem)) or snapshot.has(index_file(stem)):
+                    snapshot.tensor_files(stem)
+            snapshot.verify_remaining()
+            count = len(snapshot.names())
     except ArtifactError as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
-    print(f"OK: {args.path}: {len(manifest['files'])} files match their sha256 checksums")
+    print(f"OK: {args.path}: {count} files match their sha256 checksums")
     return 0
 
 
@@ -128,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .saving.saved_model import load
+    from .saving.loaded import load
 
     loaded = load(args.path)
     if args.signature not in loaded.signatures:

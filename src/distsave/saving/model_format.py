@@ -1,34 +1,37 @@
 """High-level save and load: ``model.save(path)`` and ``distsave.load_model(path)``.
 
 A model directory holds ``manifest.json`` (architecture, compile config, optimizer
-hyperparameters, training state, checksums), ``model.safetensors`` (weights, sharded with an
-index when ``max_shard_size`` asks) and ``optimizer.safetensors`` (optimizer state tensors).
+hyperparameters, training state, checksums), ``model.safetensors`` (weights; Hugging Face
+shards with an index above ``max_shard_size``), ``optimizer.safetensors`` (optimizer state) and
+the ``serving_default`` program, so the low-level API loads it too.
+
+Loading builds the architecture on the ``meta`` device, compares every tensor's name, shape and
+dtype with the safetensors headers, and only then allocates memory, on the target device, and
+reads each file once straight into the model.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..strategies import Strategy, get_strategy, has_strategy
+from ..strategies import get_strategy, has_strategy
 from ..training.model import Model
 from ..training.specs import TensorSpec
 from .architecture import build_module, module_spec
-from .atomic import atomic_directory
+from .commit import write_artifact
 from .compile_config import compile_to_json, optimizer_state, restore_compile
 from .errors import ArtifactError, SaveError
-from .manifest import is_artifact, read_manifest, write_manifest
-from .tensors import read_tensors, write_tensors
+from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single_file
+from .manifest import ArtifactWriter
+from .signatures import write_signatures
+from .snapshot import Snapshot
+from .tensor_io import TensorEntry
 
-__all__ = ["WEIGHTS", "OPTIMIZER", "save_model", "load_model", "load_weights", "write_on_chief"]
-
-WEIGHTS = "model"
-OPTIMIZER = "optimizer"
-KIND_MODEL = "model"
+__all__ = ["save_model", "load_model", "materialize"]
 
 _NO_INPUTS = (
     "{name} cannot be saved yet: its inputs are not known, so its architecture and serving "
@@ -40,30 +43,17 @@ _NO_INPUTS = (
 
 
 def materialize(model: nn.Module, specs: list[TensorSpec] | None) -> None:
-    """Give lazy layers their shapes by one call on zeros of the input spec."""
-    if specs and any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        device = next(iter([*model.parameters(), *model.buffers()])).device
-        was_training = model.training
-        with torch.no_grad():
-            model.eval()(*[s.example(2).to(device) for s in specs])
-        model.train(was_training)
-
-
-def write_on_chief(strategy: Strategy, path: str | os.PathLike, write: Any) -> None:
-    """Run ``write(staging_dir)`` on the chief inside an atomic write; every replica returns
-    only after the artifact is complete, and all raise if the chief failed."""
-    failure: BaseException | None = None
-    if strategy.is_chief:
-        try:
-            with atomic_directory(path, is_ours=is_artifact) as staging:
-                write(staging)
-        except Exception as error:  # re-raised below, after the other replicas are told
-            failure = error
-    message = strategy.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise SaveError(f"Replica 0 failed to write '{path}': {message}")
+    """Give lazy layers their shapes by one call on zeros of the input spec, on the model's
+    own device (``meta`` while loading, so nothing is allocated)."""
+    lazy = [p for p in model.parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if not specs or not lazy:
+        return
+    device = lazy[0].device
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(*[torch.zeros([2 if d is None else d for d in s.shape], dtype=s.torch_dtype,
+                                   device=device) for s in specs])
+    model.train(was_training)
 
 
 def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | None = None) -> None:
@@ -75,7 +65,8 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     Args:
         model: A distsave `Model` whose inputs are known.
         path: The directory to write; an existing distsave artifact there is replaced atomically.
-        max_shard_size: Split weights into safetensors shards of at most this many bytes.
+        max_shard_size: Split weights into safetensors shards of at most this many bytes
+            (default 4 GiB).
 
     Raises:
         SaveError: inputs unknown, a layer that cannot be recorded, or a failed write (the
@@ -92,31 +83,30 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     compile_config = compile_to_json(model)
     state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
     strategy = model.distribute_strategy
-    content = {
-        "kind": KIND_MODEL,
-        "architecture": architecture,
-        "input_spec": [s.to_json() for s in model.input_spec],
-        "parameter_count": sum(p.numel() for p in model.parameters()),
-        "compile": compile_config,
-        "optimizer_state": state_scalars,
-        "training_state": {"epoch": model.epoch, "step": model.step},
-        "trained_under": strategy.describe(),
-    }
 
-    def write(staging: Path) -> None:
-        from .saved_model import write_signatures  # the serving program, for the mixed API
-
-        write_tensors(staging, WEIGHTS, model.state_dict(), max_shard_size)
+    def write(writer: ArtifactWriter) -> dict[str, Any]:
+        writer.write_tensors(WEIGHTS, model.state_dict(), max_shard_size)
         if state_tensors:
-            write_tensors(staging, OPTIMIZER, state_tensors)
-        signatures = write_signatures(staging, model, None, weights_written=True)
-        write_manifest(staging, {**content, "signatures": signatures})
+            writer.write_tensors(OPTIMIZER, state_tensors, max_shard_size)
+        return {
+            "kind": KIND_MODEL,
+            "architecture": architecture,
+            "input_spec": [s.to_json() for s in model.input_spec],
+            "parameter_count": sum(p.numel() for p in model.parameters()),
+            "compile": compile_config,
+            "optimizer_state": state_scalars,
+            "training_state": {"epoch": model.epoch, "step": model.step},
+            "trained_under": strategy.describe(),
+            "signatures": write_signatures(writer, model, None),
+        }
 
-    write_on_chief(strategy, path, write)
+    write_artifact(strategy, path, write)
 
 
 def _check_rebuilds(architecture: dict[str, Any], model: Model) -> None:
-    rebuilt = build_module(architecture, context=None)
+    """The recorded architecture must rebuild the same tensors (checked on ``meta``: free)."""
+    with torch.device("meta"):
+        rebuilt = build_module(architecture, context=None)
     materialize(rebuilt, model.input_spec)
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
@@ -127,24 +117,14 @@ def _check_rebuilds(architecture: dict[str, Any], model: Model) -> None:
                         "were not captured; give its class a get_config() and register it.")
 
 
-def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``tensors`` into ``module``; report every missing, unexpected or misshapen name."""
-    own = module.state_dict()
-    problems = [f"missing {k}" for k in own if k not in tensors]
-    problems += [f"unexpected {k}" for k in tensors if k not in own]
-    problems += [f"{k}: file has {tuple(t.shape)}, model has {tuple(own[k].shape)}"
-                 for k, t in tensors.items() if k in own and t.shape != own[k].shape]
-    if problems:
-        raise ArtifactError(f"Weights in {source} do not fit the architecture: " + "; ".join(problems[:10]))
-    module.load_state_dict(tensors)
-
-
 def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
     """Rebuild, fill and compile a model that ``model.save`` wrote.
 
     Built-in layers and registered classes are rebuilt from the manifest (nothing is imported or
-    executed from the artifact). Inside a strategy's ``scope()`` the model is placed on its
-    devices and trains under it; outside, it uses the default device.
+    executed from the artifact), on the ``meta`` device first, so a file whose tensors do not
+    fit the architecture is refused before any memory is allocated. Inside a strategy's
+    ``scope()`` the model is placed on its device and trains under it; outside, it uses the
+    default device. Floating-point tensors keep the dtype they were saved in.
 
     Args:
         path: The model directory.
@@ -154,31 +134,123 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
         The `Model`, with ``epoch`` and ``step`` as when saved.
 
     Raises:
-        ArtifactError: the artifact is missing, corrupted, altered or names unknown classes.
+        ArtifactError: the artifact is missing, corrupted, altered, hostile or names unknown
+            classes (the message names the file and the field).
 
     Example:
         >>> with distsave.OneDeviceStrategy("cpu").scope():
         ...     model = distsave.load_model("mnist_model")
     """
-    root = Path(path)
-    manifest = read_manifest(root)
-    if manifest.get("kind") != KIND_MODEL:
-        raise ArtifactError(f"'{root}' holds a {manifest.get('kind')!r} artifact written by "
-                            "saved_model.save; load it with distsave.saved_model.load.")
-    model = build_module(manifest["architecture"], context=root)
-    if not isinstance(model, Model):
-        raise ArtifactError(f"The architecture in '{root}' is not a distsave Model.")
-    model.input_spec = [TensorSpec.from_json(s) for s in manifest["input_spec"]]
-    materialize(model, model.input_spec)
-    load_weights(model, read_tensors(root, WEIGHTS), str(root / f"{WEIGHTS}.safetensors"))
     strategy = get_strategy()
+    with Snapshot.open(path) as snapshot:
+        manifest = snapshot.manifest
+        where = str(snapshot.root / MANIFEST)
+        if manifest["kind"] != KIND_MODEL:
+            raise ArtifactError(f"'{snapshot.root}' holds a {manifest['kind']!r} artifact written by "
+                                "saved_model.save; load it with distsave.saved_model.load.")
+        specs = [TensorSpec.from_json(s) for s in manifest["input_spec"]]
+        model = _build_on_meta(manifest["architecture"], specs, where, snapshot.root)
+        _adopt_stored_dtypes(model, snapshot.tensor_files(WEIGHTS), str(snapshot.root / single_file(WEIGHTS)))
+        _allocate(model, strategy.device)
+        _read_state(snapshot, model)
+        restore = compile and manifest.get("compile") is not None
+        optimizer_tensors = _read_optimizer_state(snapshot, model, strategy.device) if restore else {}
+        snapshot.verify_remaining()
+    model.input_spec = specs
     model._strategy = strategy if has_strategy() else None
-    model.to(strategy.device)
-    if compile and manifest.get("compile"):
-        optimizer_files = any(name.startswith(OPTIMIZER) for name in manifest["files"])
-        restore_compile(model, manifest["compile"],
-                        read_tensors(root, OPTIMIZER) if optimizer_files else {},
-                        manifest.get("optimizer_state", {}))
+    if restore:
+        _rebuilding(where, "compile", lambda: restore_compile(
+            model, manifest["compile"], optimizer_tensors, manifest.get("optimizer_state", {})))
     state = manifest.get("training_state", {})
-    model.epoch, model.step = int(state.get("epoch", 0)), int(state.get("step", 0))
+    model.epoch, model.step = state.get("epoch", 0), state.get("step", 0)
     return model
+
+
+def _rebuilding(where: str, field: str, build: Any) -> Any:
+    """Run ``build``; any failure is the artifact's, reported as `ArtifactError` naming the field."""
+    try:
+        return build()
+    except ArtifactError:
+        raise
+    except Exception as error:  # a hostile or damaged entry may fail anywhere in a constructor
+        raise ArtifactError(f"{where}: field '{field}' could not be rebuilt ({type(error).__name__}: "
+                            f"{error}). The artifact is damaged, or was written for other code.") from None
+
+
+def _build_on_meta(architecture: dict[str, Any], specs: list[TensorSpec], where: str, root: Any) -> Model:
+    def build() -> Model:
+        with torch.device("meta"):
+            model = build_module(architecture, context=root)
+            if not isinstance(model, Model):
+                raise ArtifactError(f"{where}: field 'architecture' is not a distsave Model.")
+            materialize(model, specs)
+        return model
+
+    return _rebuilding(where, "architecture", build)
+
+
+def _adopt_stored_dtypes(model: nn.Module, stored: dict[str, TensorEntry], source: str) -> None:
+    """Compare the meta model with the file's headers; floating tensors take the stored dtype."""
+    own = model.state_dict(keep_vars=True)
+    problems = [f"missing {k}" for k in own if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in own]
+    for key in own.keys() & stored.keys():
+        mine, theirs = own[key], stored[key]
+        if tuple(mine.shape) != theirs.shape:
+            problems.append(f"{key}: file has {list(theirs.shape)}, architecture has {list(mine.shape)}")
+        elif mine.dtype != theirs.dtype:
+            if mine.is_floating_point() and theirs.dtype.is_floating_point:
+                mine.data = torch.empty(theirs.shape, dtype=theirs.dtype, device="meta")
+            else:
+                problems.append(f"{key}: file has {theirs.dtype}, architecture has {mine.dtype}")
+    if problems:
+        raise ArtifactError(f"Weights in {source} do not fit the architecture: " + "; ".join(problems[:10])
+                            + ". The artifact is damaged or was edited; re-save the model.")
+
+
+def _allocate(model: nn.Module, device: torch.device) -> None:
+    """Give the meta model real (uninitialised) memory on ``device``, keeping tied weights tied."""
+    ties = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(param), []).append(name)
+    persistent = set(model.state_dict())
+    transient = [n for n, _ in model.named_buffers() if n not in persistent]
+    if transient:
+        raise ArtifactError(f"The architecture holds buffers that are not saved ({transient[:3]}); "
+                            "their values cannot be restored without running its constructor for real.")
+    model.to_empty(device=device)
+    for names in ties.values():
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
+
+
+def _read_state(snapshot: Snapshot, model: nn.Module) -> None:
+    destinations = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    staged = {k: (v if v.is_contiguous() else torch.empty(v.shape, dtype=v.dtype, device=v.device))
+              for k, v in destinations.items()}
+    snapshot.read_tensors(WEIGHTS, staged)
+    for key, tensor in staged.items():
+        if tensor is not destinations[key]:
+            destinations[key].copy_(tensor)
+
+
+def _read_optimizer_state(snapshot: Snapshot, model: Model, device: torch.device) -> dict[str, torch.Tensor]:
+    """Optimizer state tensors, each checked against its parameter before allocation."""
+    if not (snapshot.has(single_file(OPTIMIZER)) or snapshot.has(index_file(OPTIMIZER))):
+        return {}
+    stored = snapshot.tensor_files(OPTIMIZER)
+    params = dict(model.named_parameters())
+    problems = []
+    for key, entry in stored.items():
+        name, _, field = key.rpartition("/")
+        param = params.get(name)
+        if param is None or not field:
+            problems.append(f"{key}: names no parameter of the model")
+        elif entry.shape != tuple(param.shape) and entry.shape not in ((), (1,)):
+            problems.append(f"{key}: shape {list(entry.shape)}, parameter {name} has {list(param.shape)}")
+    if problems:
+        raise ArtifactError(f"Optimizer state in {snapshot.root / single_file(OPTIMIZER)} does not fit the "
+                            "model: " + "; ".join(problems[:10]) + ". Re-save the model.")
+    return snapshot.allocate_and_read(OPTIMIZER, device)  # load_state_dict places each as torch does

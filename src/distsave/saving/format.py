@@ -1,0 +1,250 @@
+"""The artifact format in one place: file names, kinds, versions, limits and the manifest schema.
+
+Every other module asks this one what a file may be called, how big it may be and what a
+manifest may hold; nothing else in `saving/` spells a file name or a limit.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from typing import Any
+
+from .errors import ArtifactError, SaveError
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST", "WEIGHTS", "OPTIMIZER",
+    "CONSTANTS", "SIGNATURES_DIR", "KIND_MODEL", "KIND_SAVED_MODEL", "HASH_CHUNK_BYTES",
+    "DEFAULT_MAX_SHARD_BYTES", "MAX_MANIFEST_BYTES", "MAX_PROGRAM_BYTES", "MAX_INDEX_BYTES",
+    "MAX_SAFETENSORS_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_INPUT_ELEMENTS", "MAX_NAME_LENGTH",
+    "is_known_file", "signature_file", "check_signature_name", "shard_file", "single_file",
+    "index_file", "is_identifier_path", "validate_manifest",
+]
+
+FORMAT_NAME = "distsave"
+# 1: one sha256 per file. 2: one sha256 per HASH_CHUNK_BYTES of each file (parallel hashing).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MANIFEST = "manifest.json"
+WEIGHTS = "model"
+OPTIMIZER = "optimizer"
+CONSTANTS = "constants"
+SIGNATURES_DIR = "signatures"
+KIND_MODEL = "model"
+KIND_SAVED_MODEL = "saved_model"
+
+HASH_CHUNK_BYTES = 16 * 2**20
+# Files stay below 4 GiB: under old 32-bit offset tools and single-PUT object-store limits;
+# writers and readers work in parallel inside a file, so nothing is gained by smaller shards.
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_PROGRAM_BYTES = 32 * 2**20
+MAX_INDEX_BYTES = 16 * 2**20
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+MAX_JSON_DEPTH = 128
+MAX_INPUT_ELEMENTS = 2**31  # per example, for input specs read from a file
+MAX_NAME_LENGTH = 256
+
+_STEMS = f"({WEIGHTS}|{OPTIMIZER}|{CONSTANTS})"
+_SIGNATURE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_KNOWN_FILE = re.compile(rf"^({_STEMS}(-\d{{5}}-of-\d{{5}})?\.safetensors"
+                         rf"|{_STEMS}\.safetensors\.index\.json"
+                         rf"|{SIGNATURES_DIR}/[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}\.json)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def is_known_file(name: str) -> bool:
+    """Whether ``name`` (relative, POSIX) is a file distsave writes into an artifact."""
+    return bool(_KNOWN_FILE.match(name))
+
+
+def check_signature_name(name: Any, error: type[Exception] = SaveError) -> str:
+    """A signature name usable as a file name: letters, digits, ``_``, ``.``, ``-``."""
+    if not isinstance(name, str) or not _SIGNATURE_NAME.match(name):
+        raise error(f"Expected a signature name of letters, digits, '_', '.' or '-' (at most 128, "
+                    f"not starting with '.' or '-'). Received: {name!r}. Rename the signature.")
+    return name
+
+
+def signature_file(name: str) -> str:
+    return f"{SIGNATURES_DIR}/{check_signature_name(name)}.json"
+
+
+def single_file(stem: str) -> str:
+    return f"{stem}.safetensors"
+
+
+def shard_file(stem: str, index: int, count: int) -> str:
+    return f"{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def index_file(stem: str) -> str:
+    return f"{stem}.safetensors.index.json"
+
+
+def is_identifier_path(name: Any, *, dotted: bool = True) -> bool:
+    """A Python identifier, or (``dotted``) a module attribute path such as ``layers.0.weight``
+    whose parts are identifiers or child indices; bounded in length."""
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LENGTH:
+        return False
+    if not dotted:
+        return bool(_IDENTIFIER.match(name)) and not keyword.iskeyword(name)
+    return all((_IDENTIFIER.match(p) and not keyword.iskeyword(p)) or p.isascii() and p.isdigit()
+               for p in name.split("."))
+
+
+# -- manifest schema ------------------------------------------------------------------------
+
+class _Schema:
+    """Type checks that raise `ArtifactError` naming the manifest field."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, field: str, expected: str, value: Any) -> None:
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise ArtifactError(f"{self.where}: field '{field}' should be {expected}; found {shown}. "
+                            "The manifest is damaged or was not written by distsave.")
+
+    def dict(self, value: Any, field: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(field, "an object", value)
+        return value
+
+    def list(self, value: Any, field: str) -> list[Any]:
+        if not isinstance(value, list):
+            self.fail(field, "a list", value)
+        return value
+
+    def str(self, value: Any, field: str) -> str:
+        if not isinstance(value, str):
+            self.fail(field, "a string", value)
+        return value
+
+    def count(self, value: Any, field: str, *, positive: bool = False) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+            self.fail(field, "a positive integer" if positive else "a non-negative integer", value)
+        return value
+
+    def spec(self, value: Any, field: str) -> None:
+        spec = self.dict(value, field)
+        shape = self.list(spec.get("shape"), f"{field}.shape")
+        elements = 1
+        for i, d in enumerate(shape):
+            if d is not None:
+                elements *= self.count(d, f"{field}.shape[{i}]")
+        if len(shape) > 16 or elements > MAX_INPUT_ELEMENTS:
+            self.fail(f"{field}.shape", f"at most 16 dimensions and {MAX_INPUT_ELEMENTS} elements", shape)
+        if spec.get("dtype") not in _SPEC_DTYPES:
+            self.fail(f"{field}.dtype", f"one of {sorted(_SPEC_DTYPES)}", spec.get("dtype"))
+        if not is_identifier_path(spec.get("name", "x"), dotted=False):
+            self.fail(f"{field}.name", "an identifier", spec.get("name"))
+
+
+_SPEC_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16",
+                          "int8", "uint8", "bool", "complex64", "complex128"})
+
+
+def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """Check a parsed manifest's structure, types and ranges (see DESIGN.md §3).
+
+    Raises:
+        ArtifactError: naming the first field that is missing, of the wrong type or out of range.
+    """
+    s = _Schema(where)
+    m = s.dict(manifest, "(top level)")
+    if m.get("format") != FORMAT_NAME:
+        s.fail("format", f"{FORMAT_NAME!r} (this is not a distsave artifact)", m.get("format"))
+    version = s.count(m.get("format_version"), "format_version", positive=True)
+    if version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{where} has format_version {version}; this distsave reads versions "
+                            f"{list(READABLE_VERSIONS)}. Upgrade distsave to load it.")
+    if not isinstance(m.get("manifest_sha256"), str) or not _SHA256.match(m["manifest_sha256"]):
+        s.fail("manifest_sha256", "a sha256 hex digest", m.get("manifest_sha256"))
+    for key, value in s.dict(m.get("written_by", {}), "written_by").items():
+        s.str(value, f"written_by.{key}")
+    if m.get("kind") not in (KIND_MODEL, KIND_SAVED_MODEL):
+        s.fail("kind", f"{KIND_MODEL!r} or {KIND_SAVED_MODEL!r}", m.get("kind"))
+    _validate_files(s, m.get("files"), version)
+    if m.get("input_spec") is not None:
+        for i, spec in enumerate(s.list(m["input_spec"], "input_spec")):
+            s.spec(spec, f"input_spec[{i}]")
+    if m.get("architecture") is not None:
+        s.dict(m["architecture"], "architecture")
+    s.count(m.get("parameter_count", 0), "parameter_count")
+    for i, name in enumerate(s.list(m.get("uninitialized", []), "uninitialized")):
+        s.str(name, f"uninitialized[{i}]")
+    _validate_signatures(s, m.get("signatures", {}))
+    if m["kind"] == KIND_MODEL:
+        _validate_model_fields(s, m)
+    else:
+        for name, entry in s.dict(m.get("variables", {}), "variables").items():
+            s.dict(entry, f"variables.{name}")
+            for i, d in enumerate(s.list(entry.get("shape"), f"variables.{name}.shape")):
+                s.count(d, f"variables.{name}.shape[{i}]")
+            s.str(entry.get("dtype"), f"variables.{name}.dtype")
+    return m
+
+
+def _validate_files(s: _Schema, files: Any, version: int) -> None:
+    for name, entry in s.dict(files, "files").items():
+        if not is_known_file(name):
+            s.fail(f"files.{name}", "a file distsave writes (only safetensors and JSON, by known names)", name)
+        entry = s.dict(entry, f"files.{name}")
+        size = s.count(entry.get("bytes"), f"files.{name}.bytes")
+        digests = entry.get("sha256")
+        if version == 1:
+            digests = [digests]
+        chunks = max(1, -(-size // HASH_CHUNK_BYTES))
+        if (not isinstance(digests, list) or len(digests) != chunks
+                or not all(isinstance(d, str) and _SHA256.match(d) for d in digests)):
+            s.fail(f"files.{name}.sha256", f"{chunks} sha256 hex digest(s), one per "
+                   f"{HASH_CHUNK_BYTES} bytes" if version > 1 else "a sha256 hex digest",
+                   entry.get("sha256"))
+
+
+def _validate_signatures(s: _Schema, signatures: Any) -> None:
+    for name, entry in s.dict(signatures, "signatures").items():
+        field = f"signatures.{name}"
+        check_signature_name(name, ArtifactError)
+        entry = s.dict(entry, field)
+        if entry.get("program") != signature_file(name):
+            s.fail(f"{field}.program", repr(signature_file(name)), entry.get("program"))
+        for i, spec in enumerate(s.list(entry.get("inputs"), f"{field}.inputs")):
+            s.spec(spec, f"{field}.inputs[{i}]")
+        for i, output in enumerate(s.list(entry.get("outputs"), f"{field}.outputs")):
+            if not isinstance(output, str) or not 0 < len(output) <= MAX_NAME_LENGTH:
+                s.fail(f"{field}.outputs[{i}]", "a non-empty name", output)
+        for table in ("state", "constants"):
+            for target, source in s.dict(entry.get(table), f"{field}.{table}").items():
+                if not is_identifier_path(target):
+                    s.fail(f"{field}.{table}", "dotted identifiers as keys", target)
+                s.str(source, f"{field}.{table}.{target}")
+
+
+def _validate_model_fields(s: _Schema, m: dict[str, Any]) -> None:
+    s.dict(m.get("architecture"), "architecture")
+    s.list(m.get("input_spec"), "input_spec")
+    state = s.dict(m.get("training_state", {}), "training_state")
+    s.count(state.get("epoch", 0), "training_state.epoch")
+    s.count(state.get("step", 0), "training_state.step")
+    if m.get("compile") is not None:
+        config = s.dict(m["compile"], "compile")
+        s.dict(config.get("loss"), "compile.loss")
+        for i, metric in enumerate(s.list(config.get("metrics", []), "compile.metrics")):
+            s.dict(metric, f"compile.metrics[{i}]")
+            s.str(metric.get("class"), f"compile.metrics[{i}].class")
+            s.dict(metric.get("config", {}), f"compile.metrics[{i}].config")
+        optimizer = s.dict(config.get("optimizer"), "compile.optimizer")
+        s.str(optimizer.get("class"), "compile.optimizer.class")
+        s.dict(optimizer.get("defaults", {}), "compile.optimizer.defaults")
+        for i, group in enumerate(s.list(optimizer.get("param_groups"), "compile.optimizer.param_groups")):
+            group = s.dict(group, f"compile.optimizer.param_groups[{i}]")
+            for j, name in enumerate(s.list(group.get("params"), f"compile.optimizer.param_groups[{i}].params")):
+                s.str(name, f"compile.optimizer.param_groups[{i}].params[{j}]")
+    for name, values in s.dict(m.get("optimizer_state", {}), "optimizer_state").items():
+        for key, value in s.dict(values, f"optimizer_state.{name}").items():
+            if isinstance(value, (dict, list)):
+                s.fail(f"optimizer_state.{name}.{key}", "a number, string, boolean or null", value)

@@ -1,0 +1,361 @@
+"""One consistent, checked view of an artifact on disk, for every loader.
+
+Opening a snapshot opens the artifact directory once, reads and validates the manifest, and
+opens every listed file relative to that directory (no symlinks, regular files only, sizes as
+listed) before anything is parsed. Each file is then read once, its checksum computed on the
+very bytes that are used. A save that swaps the directory meanwhile cannot mix two artifacts:
+the open files are the old artifact's; if the swap happened while files were being opened, the
+snapshot is taken again.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ArtifactError
+from .format import (HASH_CHUNK_BYTES, MANIFEST, MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES,
+                     index_file, shard_file, single_file, validate_manifest)
+from .tensor_io import TensorEntry, TensorFile, parse_header, read_into
+
+__all__ = ["Snapshot", "parse_json", "canonical_manifest_bytes"]
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_ATTEMPTS = 5
+
+
+def canonical_manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The bytes ``manifest_sha256`` covers: every field but itself, canonically ordered."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """Parse JSON, refusing malformed text and nesting deeper than `MAX_JSON_DEPTH`."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        detail = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise ArtifactError(f"{where} is not valid JSON ({detail}); the artifact is corrupted.") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ArtifactError(f"{where} nests deeper than {MAX_JSON_DEPTH} levels; refusing it.")
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return value
+
+
+class _Retry(Exception):
+    """The directory changed while the snapshot was being taken."""
+
+
+class Snapshot:
+    """An artifact opened for reading. Use as a context manager; `open` is the constructor.
+
+    Attributes:
+        root: The artifact's path.
+        manifest: The validated manifest.
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], files: dict[str, tuple[int, int]]):
+        self.root, self.manifest = root, manifest
+        self._files = files  # name -> (fd, size)
+        self._verified: set[str] = set()
+        self._chunk = HASH_CHUNK_BYTES if manifest["format_version"] >= 2 else None
+
+    # -- opening --------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Snapshot:
+        """Open and validate the artifact at ``path``.
+
+        Raises:
+            ArtifactError: not an artifact, a malformed manifest, or files that are missing,
+                extra, resized or not regular files (every problem listed, each naming its file).
+        """
+        root = Path(path)
+        for _ in range(_ATTEMPTS):
+            try:
+                return cls._open_once(root)
+            except _Retry:
+                continue
+        raise ArtifactError(f"'{root}' kept changing while it was opened ({_ATTEMPTS} tries); another "
+                            "process is re-saving it. Load again when the saves stop.")
+
+    @classmethod
+    def _open_once(cls, root: Path) -> Snapshot:
+        try:
+            dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ArtifactError(f"Expected a distsave artifact directory with {MANIFEST}. Received: "
+                                f"path='{root}' (missing). Pass the directory that model.save or "
+                                "saved_model.save wrote.") from None
+        except NotADirectoryError:
+            raise ArtifactError(f"Expected a distsave artifact directory with {MANIFEST}. Received: "
+                                f"path='{root}' (a file). Pass the directory that model.save or "
+                                "saved_model.save wrote.") from None
+        except OSError as error:
+            raise ArtifactError(f"Cannot open the artifact '{root}': {error.strerror}.") from None
+        files: dict[str, tuple[int, int]] = {}
+        try:
+            manifest = cls._read_manifest(root, dir_fd)
+            problems = []
+            for name, entry in manifest["files"].items():
+                try:
+                    fd, size = _open_regular(dir_fd, name)
+                except _Missing:
+                    problems.append(f"{name}: missing")
+                    continue
+                except _NotRegular:
+                    problems.append(f"{name}: not a regular file (symlinks, devices and folders are refused)")
+                    continue
+                files[name] = (fd, size)
+                if size != entry["bytes"]:
+                    problems.append(f"{name}: size is {size} bytes, manifest says {entry['bytes']}")
+            problems += [f"{extra}: not listed in the manifest (an extra file)"
+                         for extra in sorted(_listed_names(dir_fd) - set(manifest["files"]) - {MANIFEST})]
+            snapshot = cls(root, manifest, files)
+            if problems:
+                if any(p.endswith(": missing") for p in problems) and _replaced(root, dir_fd):
+                    raise _Retry
+                problems += snapshot._content_problems(skip={p.split(":")[0] for p in problems})
+                raise ArtifactError(f"Artifact '{root}' failed validation:\n  - " + "\n  - ".join(problems)
+                                    + "\nRe-save the model, or restore the artifact from a good copy.")
+            return snapshot
+        except BaseException:
+            for fd, _ in files.values():
+                os.close(fd)
+            raise
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    def _read_manifest(root: Path, dir_fd: int) -> dict[str, Any]:
+        where = str(root / MANIFEST)
+        try:
+            fd, size = _open_regular(dir_fd, MANIFEST)
+        except _Missing:
+            raise ArtifactError(f"'{root}' has no {MANIFEST}, so it is not a distsave artifact (or it "
+                                "is incomplete). Pass the directory that model.save or "
+                                "saved_model.save wrote.") from None
+        except _NotRegular:
+            raise ArtifactError(f"{where} is not a regular file; refusing it.") from None
+        try:
+            if size > MAX_MANIFEST_BYTES:
+                raise ArtifactError(f"{where} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit; refusing it.")
+            data = _read_exactly(fd, size, where)
+        finally:
+            os.close(fd)
+        manifest = validate_manifest(parse_json(data, where), where)
+        if manifest["manifest_sha256"] != hashlib.sha256(canonical_manifest_bytes(manifest)).hexdigest():
+            raise ArtifactError(f"{where} was modified after it was written (its checksum does not "
+                                "match its content). Restore the original manifest.")
+        return manifest
+
+    # -- reading --------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def names(self) -> list[str]:
+        return sorted(self._files)
+
+    def _digests(self, name: str) -> tuple[list[str], int]:
+        entry = self.manifest["files"][name]
+        if self._chunk is None:  # format 1: one digest for the whole file
+            return [entry["sha256"]], max(entry["bytes"], 1)
+        return entry["sha256"], self._chunk
+
+    def read_bytes(self, name: str, max_bytes: int) -> bytes:
+        """A whole (small) file, checked against its checksums."""
+        fd, size = self._files[name]
+        if size > max_bytes:
+            raise ArtifactError(f"{self.root / name} is {size} bytes, over the {max_bytes}-byte limit; refusing it.")
+        data = _read_exactly(fd, size, str(self.root / name))
+        digests, chunk = self._digests(name)
+        bad = [i for i in range(len(digests))
+               if hashlib.sha256(data[i * chunk:(i + 1) * chunk]).hexdigest() != digests[i]]
+        if bad:
+            raise self._changed(name, bad)
+        self._verified.add(name)
+        return data
+
+    def read_json(self, name: str, max_bytes: int) -> Any:
+        return parse_json(self.read_bytes(name, max_bytes), str(self.root / name))
+
+    def tensor_files(self, stem: str) -> dict[str, TensorEntry]:
+        """Every tensor stored under ``stem`` (one file or shards), by name, headers checked."""
+        if self.has(single_file(stem)):
+            return dict(self._header(single_file(stem)).entries)
+        index = index_file(stem)
+        if not self.has(index):
+            raise ArtifactError(f"'{self.root}' has neither {single_file(stem)} nor {index}.")
+        content = self.read_json(index, MAX_INDEX_BYTES)
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ArtifactError(f"{self.root / index}: field 'weight_map' should be an object.")
+        shards = sorted(set(weight_map.values()), key=str)
+        expected = [shard_file(stem, i, len(shards)) for i in range(len(shards))]
+        if shards != expected or not all(self.has(s) for s in shards):
+            raise ArtifactError(f"{self.root / index} names shards {shards[:4]}; expected {expected[:4]} "
+                                "(all listed in the manifest).")
+        entries: dict[str, TensorEntry] = {}
+        for shard in shards:
+            for key, entry in self._header(shard).entries.items():
+                if weight_map.get(key) != shard or key in entries:
+                    raise ArtifactError(f"{self.root / shard} holds {key!r}, which {index} places elsewhere.")
+                entries[key] = entry
+        if set(entries) != set(weight_map):
+            missing = sorted(set(weight_map) - set(entries))[:5]
+            raise ArtifactError(f"{self.root / index} lists tensors no shard holds: {missing}.")
+        return entries
+
+    def _header(self, name: str) -> TensorFile:
+        cache = self.__dict__.setdefault("_headers", {})
+        if name not in cache:
+            fd, size = self._files[name]
+            try:
+                cache[name] = parse_header(str(self.root / name), fd, size)
+            except ArtifactError:
+                problems = self._content_problems(skip=set(self._files) - {name})
+                if problems:  # damage, not a hostile header: say so
+                    raise ArtifactError(f"Artifact '{self.root}' failed validation:\n  - {problems[0]}\n"
+                                        "Re-save the model, or restore the artifact from a good copy.") from None
+                raise
+        return cache[name]
+
+    def _file_of(self, stem: str, entry_name: str) -> str:
+        for name, header in self.__dict__.get("_headers", {}).items():
+            if name.startswith(stem) and entry_name in header.entries:
+                return name
+        raise KeyError(entry_name)
+
+    def read_tensors(self, stem: str, destinations: dict[str, torch.Tensor]) -> None:
+        """Fill ``destinations`` (one per tensor under ``stem``, matching dtype and shape,
+        contiguous, on any device) from the files, verifying every chunk's checksum."""
+        entries = self.tensor_files(stem)
+        if set(destinations) != set(entries):
+            raise ValueError("destinations must name every stored tensor")
+        by_file: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in destinations.items():
+            by_file.setdefault(self._file_of(stem, key), {})[key] = tensor
+        for name in sorted(self.__dict__["_headers"]):
+            if not name.startswith(stem):
+                continue
+            digests, chunk = self._digests(name)
+            bad = read_into(self._header(name), by_file.get(name, {}), digests, chunk)
+            if bad:
+                raise self._changed(name, bad)
+            self._verified.add(name)
+
+    def allocate_and_read(self, stem: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """Every tensor under ``stem``, freshly allocated (sizes bounded by the files) and read."""
+        entries = self.tensor_files(stem)
+        tensors = {k: torch.empty(e.shape, dtype=e.dtype, device=device) for k, e in entries.items()}
+        self.read_tensors(stem, tensors)
+        return tensors
+
+    def verify_remaining(self) -> None:
+        """Check the checksums of every file not read yet (so a load checks the whole artifact)."""
+        problems = self._content_problems(skip=self._verified)
+        if problems:
+            raise ArtifactError(f"Artifact '{self.root}' failed validation:\n  - " + "\n  - ".join(problems)
+                                + "\nRe-save the model, or restore the artifact from a good copy.")
+
+    def _content_problems(self, skip: set[str]) -> list[str]:
+        problems = []
+        for name, (fd, size) in sorted(self._files.items()):
+            if name in skip:
+                continue
+            digests, chunk = self._digests(name)
+            for index, digest in enumerate(digests):
+                data = os.pread(fd, min(chunk, size - index * chunk), index * chunk)
+                if hashlib.sha256(data).hexdigest() != digest:
+                    problems.append(f"{name}: content changed (sha256 does not match the manifest)")
+                    break
+            else:
+                self._verified.add(name)
+        return problems
+
+    def _changed(self, name: str, chunks: list[int]) -> ArtifactError:
+        return ArtifactError(f"Artifact '{self.root}' failed validation:\n  - {name}: content changed "
+                             f"(sha256 of chunk(s) {chunks[:5]} does not match the manifest)\nRe-save the "
+                             "model, or restore the artifact from a good copy.")
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files = {}
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Missing(Exception):
+    pass
+
+
+class _NotRegular(Exception):
+    pass
+
+
+def _open_regular(dir_fd: int, name: str) -> tuple[int, int]:
+    """Open ``name`` (relative, '/'-separated) under ``dir_fd`` following no symlink; a regular
+    file only. Raises `_Missing` or `_NotRegular` (symlink, device, FIFO, folder, unreadable)."""
+    parts = name.split("/")
+    current, opened = dir_fd, []
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                current = os.open(part, _OPEN_FLAGS | (0 if last else os.O_DIRECTORY), dir_fd=current)
+            except FileNotFoundError:
+                raise _Missing from None
+            except OSError:
+                raise _NotRegular from None
+            opened.append(current)
+        info = os.fstat(current)
+        if not stat.S_ISREG(info.st_mode):
+            raise _NotRegular
+        opened.pop()
+        return current, info.st_size
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def _read_exactly(fd: int, size: int, where: str) -> bytes:
+    data = os.pread(fd, size, 0)
+    if len(data) != size:
+        raise ArtifactError(f"{where} changed while it was read; load again once no one writes it.")
+    return data
+
+
+def _listed_names(dir_fd: int) -> set[str]:
+    """Every entry under the directory (files, links, folders' contents), as relative names."""
+    names = set()
+    for folder, dirs, files, _ in os.fwalk(".", dir_fd=dir_fd, follow_symlinks=False):
+        prefix = "" if folder == "." else folder.removeprefix("./") + "/"
+        names.update(prefix + f for f in files)
+        names.update(prefix + d for d in dirs if d not in ("signatures",) or prefix)
+    return names
+
+
+def _replaced(root: Path, dir_fd: int) -> bool:
+    """Whether ``root`` now names another directory than the one opened."""
+    try:
+        now, then = os.stat(root), os.fstat(dir_fd)
+    except OSError:
+        return True
+    return (now.st_ino, now.st_dev) != (then.st_ino, then.st_dev)
+

@@ -1,0 +1,374 @@
+"""The tensor I/O engine: safetensors files written and read in parallel, hashed on the way.
+
+A file is cut into `HASH_CHUNK_BYTES` chunks. Writers lay out the safetensors header first (so
+every tensor's offset is known), then threads each take chunks: gather the bytes (staging GPU
+tensors through a reusable pinned buffer), hash them, ``pwritev`` them at their offset. Readers
+parse and check the header, let the caller compare it with what it expects before anything is
+allocated, then threads ``preadv`` each chunk straight into the destination tensors (or a pinned
+buffer on the way to a GPU), hashing the very bytes they place. No byte is read twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ArtifactError
+from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
+
+__all__ = ["DTYPES", "FileRecord", "TensorEntry", "TensorFile", "write_safetensors",
+           "parse_header", "read_into"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+_CODES = {dtype: code for code, dtype in DTYPES.items()}
+_IOV_MAX = 512
+_WORKERS = max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the manifest lists for a file: its size and one sha256 per chunk."""
+
+    bytes: int
+    sha256: list[str]
+
+    def to_json(self) -> dict:
+        return {"bytes": self.bytes, "sha256": self.sha256}
+
+
+def chunk_digests(data: bytes | memoryview) -> FileRecord:
+    """The record of an in-memory file (JSON files, small headers)."""
+    view = memoryview(data)
+    digests = [hashlib.sha256(view[i:i + HASH_CHUNK_BYTES]).hexdigest()
+               for i in range(0, max(len(view), 1), HASH_CHUNK_BYTES)]
+    return FileRecord(len(view), digests)
+
+
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's storage as a flat uint8 tensor (same memory)."""
+    return tensor.detach().reshape(-1).view(torch.uint8)
+
+
+@dataclass
+class _Piece:
+    """``length`` bytes at file ``offset``, from/to ``source`` (flat uint8 tensor or bytes) at ``at``."""
+
+    offset: int
+    length: int
+    source: torch.Tensor | bytes
+    at: int
+
+
+def _chunks(pieces: list[_Piece], chunk: int) -> Iterator[tuple[int, list[_Piece]]]:
+    """Split file-ordered pieces at chunk boundaries: (chunk index, its pieces)."""
+    index, current = 0, []
+    for piece in pieces:
+        offset, at, remaining = piece.offset, piece.at, piece.length
+        while remaining:
+            take = min(remaining, (offset // chunk + 1) * chunk - offset)
+            if offset // chunk != index:
+                yield index, current
+                index, current = offset // chunk, []
+            current.append(_Piece(offset, take, piece.source, at))
+            offset, at, remaining = offset + take, at + take, remaining - take
+    yield index, current
+
+
+class _PinnedPool:
+    """Reusable page-locked buffers, one per worker thread, for device <-> host copies."""
+
+    def __init__(self, device: torch.device, size: int):
+        self.device, self.size = device, size
+        self._free: list[torch.Tensor] = []
+
+    def take(self) -> torch.Tensor:
+        if self._free:
+            return self._free.pop()
+        return torch.empty(self.size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def give(self, buffer: torch.Tensor) -> None:
+        self._free.append(buffer)
+
+
+def _host_views(pieces: list[_Piece], pool: _PinnedPool | None) -> tuple[list[memoryview], torch.Tensor | None]:
+    """Host memory for each piece: bytes and CPU tensors as they are, device tensors through
+    one pinned buffer (returned, to give back to the pool once written)."""
+    buffer, used, staged = None, 0, []
+    for p in pieces:
+        if not isinstance(p.source, bytes) and p.source.device.type != "cpu":
+            buffer = pool.take() if buffer is None else buffer
+            buffer[used:used + p.length].copy_(p.source[p.at:p.at + p.length], non_blocking=True)
+            staged.append((used, p.length))
+            used += p.length
+        else:
+            staged.append(None)
+    if buffer is not None:
+        torch.cuda.current_stream(pool.device).synchronize()
+        pinned = memoryview(buffer.numpy())
+    views = []
+    for p, place in zip(pieces, staged):
+        if place is not None:
+            views.append(pinned[place[0]:place[0] + place[1]])
+        elif isinstance(p.source, bytes):
+            views.append(memoryview(p.source)[p.at:p.at + p.length])
+        else:
+            views.append(memoryview(p.source[p.at:p.at + p.length].numpy()))
+    return views, buffer
+
+
+def _header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor, int]]]:
+    """The safetensors header and each tensor's data offset; tensors ordered by alignment."""
+    order = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    layout, offset = [], 0
+    for name, tensor in order:
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.dtype not in _CODES:
+            raise ValueError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
+        header[name] = {"dtype": _CODES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        layout.append((name, tensor, offset))
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(len(text) + 8) % 8)  # data starts 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(text)) + text, layout
+
+
+def _for_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """The logical, contiguous tensor to store (a DTensor's full value, no autograd)."""
+    full = getattr(tensor, "full_tensor", None)
+    tensor = full() if callable(full) else tensor
+    return tensor.detach().contiguous()
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> FileRecord:
+    """Write ``tensors`` as one safetensors file at ``path`` (which must not exist), in parallel.
+
+    Raises:
+        OSError: the file cannot be written (disk full, permissions); nothing is retried.
+    """
+    tensors = {name: _for_storage(t) for name, t in tensors.items()}
+    header, layout = _header(tensors)
+    pieces = [_Piece(0, len(header), header, 0)]
+    pieces += [_Piece(len(header) + offset, t.numel() * t.element_size(), _flat_bytes(t), 0)
+               for _, t, offset in layout if t.numel()]
+    size = len(header) + sum(p.length for p in pieces[1:])
+    devices = {t.device for t in tensors.values() if t.device.type != "cpu"}
+    pool = _PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        os.ftruncate(fd, size)
+
+        def write_chunk(job: tuple[int, list[_Piece]]) -> str:
+            _, chunk_pieces = job
+            views, buffer = _host_views(chunk_pieces, pool)
+            digest = hashlib.sha256()
+            for view in views:
+                digest.update(view)
+            for i in range(0, len(views), _IOV_MAX):
+                batch = views[i:i + _IOV_MAX]
+                _write_fully(fd, batch, chunk_pieces[i].offset)
+            if buffer is not None:
+                pool.give(buffer)
+            return digest.hexdigest()
+
+        jobs = list(_chunks(pieces, HASH_CHUNK_BYTES))
+        digests = _run(write_chunk, jobs)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return FileRecord(size, digests)
+
+
+def _write_fully(fd: int, views: list[memoryview], offset: int) -> None:
+    total = sum(len(v) for v in views)
+    written = os.pwritev(fd, views, offset)
+    while written < total:  # a short write: continue where it stopped
+        flat = b"".join(bytes(v) for v in views)[written:]
+        step = os.pwrite(fd, flat, offset + written)
+        if step == 0:
+            raise OSError(f"write returned 0 bytes at offset {offset + written}")
+        written += step
+
+
+def _run(work, jobs: list) -> list:
+    if len(jobs) <= 1:
+        return [work(job) for job in jobs]
+    with ThreadPoolExecutor(min(_WORKERS, len(jobs))) as pool:
+        return list(pool.map(work, jobs))
+
+
+# -- reading ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: where its bytes are and what they hold."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+@dataclass
+class TensorFile:
+    """An opened safetensors file whose header was parsed and checked."""
+
+    name: str
+    fd: int
+    size: int
+    header: bytes
+    entries: dict[str, TensorEntry] = field(default_factory=dict)
+
+
+def parse_header(name: str, fd: int, size: int) -> TensorFile:
+    """Read and check a safetensors header: known dtypes, shapes that match their byte ranges,
+    ranges that tile the data exactly, inside the file.
+
+    Raises:
+        ArtifactError: naming the file and the entry that is wrong.
+    """
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{name} is not a valid safetensors file: {what}. The artifact is "
+                             "damaged or hostile; re-save the model or restore a good copy.")
+
+    if size < 8:
+        raise bad(f"it has {size} bytes, fewer than the 8-byte header length")
+    length = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+    if length > min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
+        raise bad(f"its header claims {length} bytes (file: {size}, limit: {MAX_SAFETENSORS_HEADER_BYTES})")
+    text = os.pread(fd, length, 8)
+    if len(text) != length:
+        raise bad("the file is shorter than its header")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise bad(f"its header is not JSON ({type(error).__name__})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data_start, spans, entries = 8 + length, [], {}
+    for key, value in header.items():
+        if key == "__metadata__":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise bad("__metadata__ is not a map of strings")
+            continue
+        entries[key] = _entry(key, value, data_start, bad)
+        spans.append((entries[key].start, entries[key].start + entries[key].nbytes, key))
+    position = data_start
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            raise bad(f"tensor {key!r} starts at byte {begin - data_start} of the data, expected "
+                      f"{position - data_start} (holes and overlaps are not allowed)")
+        position = end
+    if position != size:
+        raise bad(f"its tensors cover {position - data_start} data bytes but the file holds {size - data_start}")
+    return TensorFile(name, fd, size, struct.pack("<Q", length) + text, entries)
+
+
+def _entry(key: str, value: object, data_start: int, bad) -> TensorEntry:
+    if len(key) > MAX_NAME_LENGTH:
+        raise bad(f"a tensor name is longer than {MAX_NAME_LENGTH} characters")
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
+        raise bad(f"entry {key!r} should have exactly dtype, shape and data_offsets")
+    dtype = DTYPES.get(value["dtype"]) if isinstance(value["dtype"], str) else None
+    shape, offsets = value["shape"], value["data_offsets"]
+    if dtype is None:
+        raise bad(f"entry {key!r} has unknown dtype {value['dtype']!r}")
+    if (not isinstance(shape, list) or len(shape) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape)):
+        raise bad(f"entry {key!r} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 2**62 for o in offsets)):
+        raise bad(f"entry {key!r} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * dtype.itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise bad(f"entry {key!r}: shape {shape} of {value['dtype']} needs {nbytes} bytes, its "
+                  f"offsets span {offsets[1] - offsets[0]}")
+    return TensorEntry(key, dtype, tuple(shape), data_start + offsets[0], nbytes)
+
+
+def read_into(file: TensorFile, destinations: dict[str, torch.Tensor],
+              digests: list[str], chunk: int) -> list[int]:
+    """Read every tensor of ``file`` into its destination (same dtype and shape, contiguous,
+    any device), hashing each chunk of the file as it is read.
+
+    Returns:
+        The indices of chunks whose sha256 differs from ``digests`` (empty when intact).
+    """
+    pieces = [_Piece(0, len(file.header), file.header, 0)]
+    for name, entry in sorted(file.entries.items(), key=lambda item: item[1].start):
+        if entry.nbytes:
+            pieces.append(_Piece(entry.start, entry.nbytes, _flat_bytes(destinations[name]), 0))
+    devices = {t.device for t in destinations.values() if t.device.type != "cpu"}
+    pool = _PinnedPool(next(iter(devices)), chunk) if devices else None
+
+    def read_chunk(job: tuple[int, list[_Piece]]) -> bool:
+        index, chunk_pieces = job
+        digest = hashlib.sha256()
+        staged = pool is not None and any(not isinstance(p.source, bytes) and p.source.device.type != "cpu"
+                                          for p in chunk_pieces)
+        buffer = pool.take() if staged else None
+        used = 0
+        for group in _contiguous_reads(chunk_pieces):
+            if isinstance(group[0].source, bytes):
+                for p in group:
+                    digest.update(memoryview(p.source)[p.at:p.at + p.length])
+                continue
+            if buffer is None:
+                views = [memoryview(p.source[p.at:p.at + p.length].numpy()) for p in group]
+            else:
+                total = sum(p.length for p in group)
+                views = [memoryview(buffer[used:used + total].numpy())]
+            _read_fully(file, views, group[0].offset)
+            for view in views:
+                digest.update(view)
+            if buffer is not None:
+                offset = used
+                for p in group:
+                    p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length], non_blocking=True)
+                    offset += p.length
+                used += sum(p.length for p in group)
+        if buffer is not None:
+            torch.cuda.current_stream(pool.device).synchronize()
+            pool.give(buffer)
+        return index < len(digests) and digest.hexdigest() == digests[index]
+
+    jobs = list(_chunks(pieces, chunk))
+    return [index for (index, _), ok in zip(jobs, _run(read_chunk, jobs)) if not ok]
+
+
+def _contiguous_reads(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
+    """Group a chunk's pieces into runs read by one ``preadv`` (header bytes stay apart)."""
+    group: list[_Piece] = []
+    for p in pieces:
+        if group and (isinstance(p.source, bytes) != isinstance(group[0].source, bytes)
+                      or len(group) == _IOV_MAX):
+            yield group
+            group = []
+        group.append(p)
+    if group:
+        yield group
+
+
+def _read_fully(file: TensorFile, views: list[memoryview], offset: int) -> None:
+    total = sum(len(v) for v in views)
+    got = os.preadv(file.fd, views, offset)
+    if got != total:
+        raise ArtifactError(f"{file.name} changed while it was read (expected {total} bytes at "
+                            f"offset {offset}, got {got}). Load again once no one writes the artifact.")
