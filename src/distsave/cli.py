@@ -60,7 +60,7 @@ def _tensor_table(snapshot: Any) -> list[dict[str, Any]]:
     for stem in (WEIGHTS, OPTIMIZER, CONSTANTS):
         if snapshot.has(single_file(stem)) or snapshot.has(index_file(stem)):
             for name, entry in sorted(snapshot.tensor_files(stem).items()):
-                rows.append({"file": stem, "name": name, "shape": list(entry.shape),
+                rows.append({"file": snapshot.file_of(stem, name), "name": name, "shape": list(entry.shape),
                              "dtype": codes[entry.dtype], "bytes": entry.nbytes})
     return rows
 
@@ -95,7 +95,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"training state: epoch {state.get('epoch', 0)}, step {state.get('step', 0)}")
     print(f"tensors ({len(tensors)}, {sum(t['bytes'] for t in tensors):,} bytes):")
     for t in tensors:
-        print(f"  {t['file']:<10} {t['name']:<40} {t['dtype']:<5} {str(t['shape']):<18} {t['bytes']:>12,}")
+        print(f"  {t['file']:<24} {t['name']:<40} {t['dtype']:<5} {str(t['shape']):<18} {t['bytes']:>12,}")
     signatures = manifest.get("signatures") or {}
     print(f"signatures ({len(signatures)}):" if signatures else "signatures: none")
     for name, entry in signatures.items():

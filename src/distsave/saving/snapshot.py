@@ -231,7 +231,8 @@ class Snapshot:
                 raise
         return cache[name]
 
-    def _file_of(self, stem: str, entry_name: str) -> str:
+    def file_of(self, stem: str, entry_name: str) -> str:
+        """The file (single or shard) that holds tensor ``entry_name`` of ``stem``."""
         for name, header in self.__dict__.get("_headers", {}).items():
             if name.startswith(stem) and entry_name in header.entries:
                 return name
@@ -245,7 +246,7 @@ class Snapshot:
             raise ValueError("destinations must name every stored tensor")
         by_file: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in destinations.items():
-            by_file.setdefault(self._file_of(stem, key), {})[key] = tensor
+            by_file.setdefault(self.file_of(stem, key), {})[key] = tensor
         for name in sorted(self.__dict__["_headers"]):
             if not name.startswith(stem):
                 continue
