@@ -163,9 +163,13 @@ def _serve(args: argparse.Namespace) -> int:
         from .serving import ServeConfig, serve
     except ImportError as error:
         return _missing_extra(args, ImportError(f"{error}. Install the server: pip install 'distsave[serve]'."))
-    serve(ServeConfig(path=args.path, name=args.name, host=args.host, port=args.port, device=args.device,
-                      max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
-                      max_body_bytes=args.max_body_bytes, poll_seconds=args.poll_seconds))
+    try:
+        serve(ServeConfig(path=args.path, name=args.name, host=args.host, port=args.port, device=args.device,
+                          max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+                          max_body_bytes=args.max_body_bytes, poll_seconds=args.poll_seconds))
+    except (OSError, ValueError) as error:  # a port in use, or a setting out of range
+        print(f"distsave serve: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -41,7 +41,11 @@ def serve(config: ServeConfig) -> None:
     """
     server, repository = create_server(config)
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.create_server((config.host, config.port), family=family, backlog=2048)
+    try:
+        sock = socket.create_server((config.host, config.port), family=family, backlog=2048)
+    except OSError as error:
+        raise OSError(f"Cannot listen on {config.host}:{config.port} ({error.strerror}). Pick another "
+                      "--port (0 picks a free one) or --host.") from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     batching = (f"dynamic batching up to {config.max_batch_size} rows within {config.batch_timeout_ms:g} ms"
