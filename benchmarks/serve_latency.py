@@ -7,6 +7,7 @@ numbers are end-to-end on that machine, JSON included.
 
     python benchmarks/serve_latency.py                       # concurrency 1, 8, 64
     python benchmarks/serve_latency.py --requests 400 --max-batch-size 64 --batch-timeout-ms 2
+    python benchmarks/serve_latency.py --device cuda:0       # the server's signatures on a GPU
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--batch-timeout-ms", type=float, default=2.0)
+    parser.add_argument("--device", default="cpu", help="where the server runs signatures (cuda:0 on a GPU)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = distsave.Sequential(workflow_cnn(), input_spec=distsave.TensorSpec((None, 1, 28, 28)))
@@ -107,9 +109,9 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|")
         print(f"| in-process signature call (floor) | 1 | {floor['p50_ms']:.2f} | {floor['p99_ms']:.2f} | "
               f"{1e3 / floor['p50_ms']:,.0f} (batch 64: {floor['rows_per_s']:,.0f} rows/s) |")
-        settings = {"no batching": [],
+        settings = {"no batching": ["--device", args.device],
                     f"batching (max {args.max_batch_size}, {args.batch_timeout_ms:g} ms)":
-                        ["--max-batch-size", str(args.max_batch_size),
+                        ["--device", args.device, "--max-batch-size", str(args.max_batch_size),
                          "--batch-timeout-ms", str(args.batch_timeout_ms)]}
         for label, flags in settings.items():
             process, url = start_server(path, flags)
