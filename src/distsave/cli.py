@@ -1,4 +1,4 @@
-"""The ``distsave`` command: ``demo``, ``inspect``, ``run`` and ``verify``."""
+"""The ``distsave`` command: ``demo``, ``inspect``, ``run``, ``verify``, ``serve`` and ``export-onnx``."""
 
 from __future__ import annotations
 
@@ -163,6 +163,44 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_extra(args: argparse.Namespace, error: ImportError) -> int:
+    print(f"distsave {args.command}: {error}", file=sys.stderr)
+    return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .serving import ServeConfig, serve
+    except ImportError as error:
+        return _missing_extra(args, ImportError(f"{error}. Install the server: pip install 'distsave[serve]'."))
+    try:
+        serve(ServeConfig(path=args.path, name=args.name, host=args.host, port=args.port, device=args.device,
+                          max_batch_size=args.max_batch_size, batch_timeout_ms=args.batch_timeout_ms,
+                          max_body_bytes=args.max_body_bytes, poll_seconds=args.poll_seconds))
+    except (OSError, ValueError) as error:  # a port in use, or a setting out of range
+        print(f"distsave serve: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from .export import compare_with_onnxruntime, export_onnx
+
+    try:
+        out = export_onnx(args.path, args.out, signature=args.signature, opset_version=args.opset)
+    except ImportError as error:
+        return _missing_extra(args, error)
+    print(f"wrote {out} (signature {args.signature}, {out.stat().st_size:,} bytes)")
+    try:
+        differences = compare_with_onnxruntime(out, args.path, signature=args.signature)
+    except ImportError:
+        print("onnxruntime is not installed: outputs not compared")
+        return 0
+    print("onnxruntime vs signature, max |diff|: "
+          + ", ".join(f"{d:.1e} at batch {b}" for b, d in differences.items()))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -194,6 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="also write the outputs to this .npz file")
     run.add_argument("--max-values", type=int, default=100, help="print at most this many values")
     run.set_defaults(handler=_run)
+    serve = sub.add_parser("serve", help="serve an artifact over TF Serving's REST API")
+    serve.add_argument("path", help="an artifact, a folder of numbered versions (1/, 2/, ...), or a URL")
+    serve.add_argument("--name", default="default", help="model name in /v1/models/<name> (default: default)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8501, help="TCP port; 0 picks a free one (default 8501)")
+    serve.add_argument("--device", default="cpu", help="where signatures run: cpu, cuda:0, ... (default cpu)")
+    serve.add_argument("--max-batch-size", type=int, default=0,
+                       help="dynamic batching: merge requests up to N rows (default 0: off)")
+    serve.add_argument("--batch-timeout-ms", type=float, default=2.0,
+                       help="dynamic batching: wait at most T ms for more requests (default 2)")
+    serve.add_argument("--max-body-bytes", type=int, default=64 * 2**20,
+                       help="refuse larger request bodies with 400 (default 64 MiB)")
+    serve.add_argument("--poll-seconds", type=float, default=1.0,
+                       help="check for a new version folder this often; 0: never (default 1)")
+    serve.set_defaults(handler=_serve)
+    onnx = sub.add_parser("export-onnx", help="export a signature as an ONNX model")
+    onnx.add_argument("path")
+    onnx.add_argument("out", help="the .onnx file to write")
+    onnx.add_argument("--signature", default="serving_default")
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    onnx.set_defaults(handler=_export_onnx)
     return parser
 
 

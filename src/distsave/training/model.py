@@ -156,6 +156,18 @@ class Model(nn.Module):
         """Outputs for every input, in order, gathered from all replicas."""
         return loop.predict(self, loop.as_dataset(x, None, batch_size))
 
+    def summary(self, print_fn: Callable[[str], Any] = print) -> None:
+        """Print a Keras-style table: each layer's output shape and parameters, then the totals."""
+        from .summary import format_summary
+
+        print_fn(format_summary(self, self.input_spec))
+
+    def count_params(self) -> int:
+        """The number of parameters (each shared tensor once)."""
+        from .summary import count_params
+
+        return count_params(self)
+
     def save(self, path: str, *, max_shard_size: int | None = None) -> None:
         """Write this model as a distsave model directory; see `distsave.saving.save_model`."""
         from ..saving.model_format import save_model  # saving builds on training, not the reverse
