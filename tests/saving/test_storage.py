@@ -10,7 +10,7 @@ import torch
 
 import distsave
 from distsave.saving.errors import ArtifactError
-from distsave.saving.manifest import MANIFEST
+from distsave.saving.format import MANIFEST
 from distsave.saving.storage import (
     download_artifact,
     is_remote,

@@ -8,7 +8,7 @@ import time
 import httpx
 import torch
 
-from distsave.saving.manifest import MANIFEST
+from distsave.saving.format import MANIFEST
 from tests.serving.conftest import cnn, images, save_served_model, serving
 
 

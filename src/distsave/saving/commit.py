@@ -1,14 +1,15 @@
 """Writing an artifact from a strategy's replicas: the chief writes, atomically; all agree.
 
 Every replica calls `write_artifact`; the chief writes into a staging folder and swaps it into
-place; every replica returns once the artifact is complete, and every replica raises if the
+place (for a URL, into a local folder that is then uploaded, manifest last); every replica returns once the artifact is complete, and every replica raises if the
 chief failed, so no replica trains on believing a save happened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .atomic import atomic_directory
 from .errors import SaveError
 from .format import MANIFEST
 from .manifest import ArtifactWriter
+from .storage import is_remote, local_path, remote_destination
 
 __all__ = ["is_artifact", "write_artifact"]
 
@@ -26,11 +28,18 @@ def is_artifact(directory: Path) -> bool:
     return (directory / MANIFEST).is_file()
 
 
-def _check_local(path: str | os.PathLike) -> None:
-    text = os.fspath(path)
-    if "://" in text:
-        raise SaveError(f"Expected a local directory path. Received: '{text}', a URL. Save to a "
-                        "local folder and upload it with your storage tool.")
+@contextlib.contextmanager
+def _local_target(path: str | os.PathLike) -> Iterator[Path]:
+    """Where to write: the path itself, or a local folder uploaded afterwards for a URL."""
+    if not is_remote(path):
+        yield local_path(path)
+        return
+    try:
+        with remote_destination(os.fspath(path)) as local:
+            yield local
+    except OSError as error:
+        raise SaveError(f"Could not upload the artifact to '{path}': {error}. Nothing at that URL "
+                        "claims to be complete (the manifest is uploaded last); save again.") from error
 
 
 def write_artifact(strategy: Strategy, path: str | os.PathLike,
@@ -41,11 +50,10 @@ def write_artifact(strategy: Strategy, path: str | os.PathLike,
     Raises:
         SaveError: on every replica, if the chief could not write (the previous artifact stays).
     """
-    _check_local(path)
     failure: BaseException | None = None
     if strategy.is_chief:
         try:
-            with atomic_directory(path, is_ours=is_artifact) as staging:
+            with _local_target(path) as target, atomic_directory(target, is_ours=is_artifact) as staging:
                 writer = ArtifactWriter(staging)
                 writer.finish(write(writer))
         except Exception as error:  # re-raised below, after the other replicas are told

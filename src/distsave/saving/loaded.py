@@ -20,6 +20,7 @@ from .errors import ArtifactError
 from .format import CONSTANTS, MAX_PROGRAM_BYTES, WEIGHTS, index_file, single_file
 from .program import build_program
 from .snapshot import Snapshot
+from .storage import download_artifact, is_remote, local_path
 
 __all__ = ["ConcreteSignature", "LoadedModel", "load"]
 
@@ -147,7 +148,10 @@ def load(path: str | os.PathLike) -> LoadedModel:
         >>> loaded.signatures["serving_default"](images)["output_0"].shape
         torch.Size([64, 10])
     """
-    with Snapshot.open(path) as snapshot:
+    if is_remote(path):
+        with download_artifact(os.fspath(path)) as local:
+            return load(local)
+    with Snapshot.open(local_path(path)) as snapshot:
         manifest = snapshot.manifest
         variables = _read_stem(snapshot, WEIGHTS)
         constants = _read_stem(snapshot, CONSTANTS)

@@ -29,6 +29,7 @@ from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single
 from .manifest import ArtifactWriter
 from .signatures import write_signatures
 from .snapshot import Snapshot
+from .storage import download_artifact, is_remote, local_path
 from .tensor_io import TensorEntry
 
 __all__ = ["save_model", "load_model", "materialize"]
@@ -65,6 +66,7 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     Args:
         model: A distsave `Model` whose inputs are known.
         path: The directory to write; an existing distsave artifact there is replaced atomically.
+            An fsspec URL (``s3://bucket/run``) is written locally, then uploaded, manifest last.
         max_shard_size: Split weights into safetensors shards of at most this many bytes
             (default 4 GiB).
 
@@ -127,7 +129,7 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
     default device. Floating-point tensors keep the dtype they were saved in.
 
     Args:
-        path: The model directory.
+        path: The model directory, or an fsspec URL (``s3://…``; downloaded, then checked).
         compile: Restore loss, metrics and optimizer state (default), so ``fit`` continues.
 
     Returns:
@@ -141,8 +143,11 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
         >>> with distsave.OneDeviceStrategy("cpu").scope():
         ...     model = distsave.load_model("mnist_model")
     """
+    if is_remote(path):
+        with download_artifact(os.fspath(path)) as local:
+            return load_model(local, compile=compile)
     strategy = get_strategy()
-    with Snapshot.open(path) as snapshot:
+    with Snapshot.open(local_path(path)) as snapshot:
         manifest = snapshot.manifest
         where = str(snapshot.root / MANIFEST)
         if manifest["kind"] != KIND_MODEL:

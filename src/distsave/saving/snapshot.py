@@ -287,7 +287,7 @@ class Snapshot:
 
     def _changed(self, name: str, chunks: list[int]) -> ArtifactError:
         return ArtifactError(f"Artifact '{self.root}' failed validation:\n  - {name}: content changed "
-                             f"(sha256 of chunk(s) {chunks[:5]} does not match the manifest)\nRe-save the "
+                             f"(sha256 does not match the manifest, in chunk(s) {chunks[:5]})\nRe-save the "
                              "model, or restore the artifact from a good copy.")
 
     def close(self) -> None:

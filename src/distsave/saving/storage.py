@@ -22,7 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ArtifactError, SaveError
-from .manifest import MANIFEST, read_manifest
+from .format import MANIFEST
+from .manifest import read_manifest
 
 __all__ = ["download_artifact", "is_remote", "local_path", "remote_destination", "upload_artifact"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import saved_model
 from ..saving.errors import ArtifactError
-from ..saving.manifest import MANIFEST
+from ..saving.format import MANIFEST
 from ..saving.storage import download_artifact, is_remote, local_path
 from ..strategies import OneDeviceStrategy
 from ..training.specs import TensorSpec
