@@ -90,7 +90,8 @@ def _make_parent(target: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as error:
-        file = next(p for p in reversed(target.parents) if p.exists() and not p.is_dir())
+        file = next((p for p in reversed(target.parents) if p.exists() and not p.is_dir()),
+                    error.filename)
         raise SaveError(f"Expected the parents of '{target}' to be folders. Received: '{file}', "
                         "which is a file. Choose another path or move that file away.") from error
 
