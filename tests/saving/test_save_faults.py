@@ -72,6 +72,7 @@ class Saver:
         self.process.stdin.flush()
 
     def errors(self) -> list[str]:
+        """Wait for the saver to finish; the failures it reported, as "Type: message"."""
         out, _ = self.process.communicate(timeout=300)
         assert self.process.returncode == 0, f"saver exited {self.process.returncode}{self._stderr()}"
         return json.loads(out.strip().splitlines()[-1])["errors"]
@@ -83,6 +84,7 @@ class Saver:
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
+        self.stderr.close()
 
 
 @pytest.fixture
@@ -132,7 +134,7 @@ def test_a_save_never_removes_the_staging_folder_of_a_save_in_flight(tmp_path, s
         assert saved_weight(target) == 2.0  # the last swap wins
         assert entries(tmp_path) == ["model"]
     else:  # shows the test above fails without the lock
-        assert held.errors() and "SaveError" in held.errors()[0]
+        assert [error.split(":")[0] for error in held.errors()] == ["SaveError"]
 
 
 @pytest.mark.parametrize("lock", ["held", "removed"])
@@ -168,7 +170,36 @@ def test_two_rename_swaps_take_turns_where_the_file_system_cannot_exchange(tmp_p
         monkeypatch.setattr(atomic, "_folder_lock", lambda folder: contextlib.nullcontext())
         model_of(3.0).save(target)
         held.go()
-        assert "SaveError" in held.errors()[0]
+        assert [error.split(":")[0] for error in held.errors()] == ["SaveError"]
+
+
+@pytest.mark.parametrize("check", ["on", "off"])
+def test_a_staging_folder_swept_before_its_saver_locks_it_is_replaced_by_a_fresh_one(tmp_path, monkeypatch,
+                                                                                      check):
+    """Between creating its staging folder and locking it, a saver can lose the folder to another
+    saver's clean-up; it notices (the name no longer holds what it locked) and starts afresh."""
+    target = tmp_path / "model"
+    model_of(1.0).save(target)
+    real_open, swept = atomic._open_directory, []
+
+    def open_then_lose_it_to_another_savers_sweep(path):
+        fd = real_open(path)
+        if not swept:
+            swept.append(path)
+            atomic._remove_stale_temporaries(target)
+        return fd
+
+    monkeypatch.setattr(atomic, "_open_directory", open_then_lose_it_to_another_savers_sweep)
+    if check == "on":
+        model_of(2.0).save(target)
+        assert not swept[0].exists()
+        assert saved_weight(target) == 2.0
+        assert entries(tmp_path) == ["model"]
+    else:  # shows the test above fails without the check: the save writes into a removed folder
+        monkeypatch.setattr(atomic, "_still_at", lambda path, fd: True)
+        with pytest.raises(Exception, match="No such file or directory"):  # any writer's error
+            model_of(2.0).save(target)
+        assert saved_weight(target) == 1.0
 
 
 # --- symbolic links ------------------------------------------------------------------------
