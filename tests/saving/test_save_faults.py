@@ -9,6 +9,7 @@ and are skipped otherwise; the permission case uses chmod (as user nobody when r
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -27,7 +28,7 @@ from tests.conftest import ROOT, SCRIPTS
 
 import distsave
 from distsave.saving import atomic
-from distsave.saving.manifest import read_manifest
+from distsave.saving.manifest import is_artifact, read_manifest
 
 NOBODY = 65534
 
@@ -200,6 +201,35 @@ def test_a_staging_folder_swept_before_its_saver_locks_it_is_replaced_by_a_fresh
         with pytest.raises(Exception, match="No such file or directory"):  # any writer's error
             model_of(2.0).save(target)
         assert saved_weight(target) == 1.0
+
+
+class Crash(BaseException):
+    """Stands for a SIGKILL: nothing in the saver handles it."""
+
+
+def test_an_artifact_moved_aside_by_a_saver_that_died_mid_swap_is_put_back(tmp_path, monkeypatch):
+    """Where the swap is two renames, a saver killed between them leaves the old artifact aside;
+    the next save restores it first, so even a failing next save leaves it in place."""
+    target = tmp_path / "model"
+    model_of(1.0).save(target)
+    real_rename = os.rename
+
+    def rename_then_die_with_the_target_aside(source, destination):
+        real_rename(source, destination)
+        if Path(source) == target:
+            raise Crash
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    with monkeypatch.context() as patch, pytest.raises(Crash):
+        patch.setattr(atomic.os, "rename", rename_then_die_with_the_target_aside)
+        model_of(2.0).save(target)
+    assert not target.exists()
+
+    with pytest.raises(distsave.SaveError, match="disk is full"):
+        with atomic.atomic_directory(target, is_ours=is_artifact):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert saved_weight(target) == 1.0
+    assert entries(tmp_path) == ["model"]
 
 
 # --- symbolic links ------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 On Linux the swap is one ``renameat2(RENAME_EXCHANGE)`` call, so at every instant the target
 name holds either the complete old artifact or the complete new one. Elsewhere the old
 directory is renamed aside for the instant between two renames; those two renames hold an
-exclusive lock on the parent folder so that concurrent savers swap one at a time.
+exclusive lock on the parent folder so that concurrent savers swap one at a time, and if the
+saver dies between them the next save puts the old artifact back first.
 
 Several processes may save to one path at once. Each holds an exclusive ``flock`` on its own
 staging folder while it writes, and the clean-up of earlier crashes removes only staging
@@ -28,17 +29,19 @@ from .errors import SaveError
 __all__ = ["atomic_directory", "fsync_tree"]
 
 _TMP_MARK = ".distsave-tmp-"
+_ASIDE = "-old"  # suffix of an old artifact moved aside by a two-rename swap
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _ATTEMPTS = 16  # tries at a lost race (a fresh staging folder swept, a target that appeared)
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
 
+_WRITABLE = "save to a folder you can write to, or fix its permissions"
 _REASONS = {  # errno -> (what happened, how to fix it)
     errno.ENOSPC: ("the disk is full", "free space on that disk or save to another one"),
     errno.EDQUOT: ("the disk quota is exceeded", "free space within your quota or save elsewhere"),
     errno.EROFS: ("the file system is read-only", "save to a writable location"),
-    errno.EACCES: ("permission was denied", "save to a folder you can write to, or fix its permissions"),
-    errno.EPERM: ("the operation was not permitted", "save to a folder you can write to, or fix its permissions"),
+    errno.EACCES: ("permission was denied", _WRITABLE),
+    errno.EPERM: ("the operation was not permitted", _WRITABLE),
     errno.ELOOP: ("the path is a symbolic link loop", "point the link at a folder, or choose another path"),
 }
 
@@ -137,6 +140,17 @@ def _staging_folders(target: Path) -> list[Path]:
         return [Path(entry.path) for entry in entries if entry.name.startswith(prefix)]
 
 
+def _restore_moved_aside(leftover: Path, target: Path) -> bool:
+    """Put back an old artifact that a two-rename swap moved aside before its saver died."""
+    if not leftover.name.endswith(_ASIDE):
+        return False
+    with _folder_lock(target.parent):  # no live saver is between its two renames
+        if os.path.lexists(target) or not os.path.lexists(leftover):
+            return False
+        os.rename(leftover, target)
+        return True
+
+
 def _remove_stale_temporaries(target: Path) -> None:
     """Remove staging folders left by savers that died; skip those whose writer still holds them."""
     for leftover in _staging_folders(target):
@@ -144,7 +158,7 @@ def _remove_stale_temporaries(target: Path) -> None:
         if fd is None:
             continue
         try:
-            if _lock(fd) and _still_at(leftover, fd):
+            if _lock(fd) and _still_at(leftover, fd) and not _restore_moved_aside(leftover, target):
                 shutil.rmtree(leftover, ignore_errors=True)
         finally:
             os.close(fd)
@@ -200,7 +214,7 @@ def _exchange(a: Path, b: Path) -> bool:
 def _swap_by_two_renames(staging: Path, target: Path) -> None:
     with _folder_lock(target.parent):  # one two-rename swap at a time in this folder
         if os.path.lexists(target):
-            aside = staging.with_name(staging.name + "-old")
+            aside = staging.with_name(staging.name + _ASIDE)
             os.rename(target, aside)
             os.rename(staging, target)
             shutil.rmtree(aside, ignore_errors=True)
