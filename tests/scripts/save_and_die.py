@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import distsave
-from distsave.saving import atomic, model_format
+from distsave.saving import atomic
+from distsave.saving.manifest import ArtifactWriter
 
 target, point = sys.argv[1], sys.argv[2]
 
@@ -24,7 +25,7 @@ def dying_after(module, name):
     setattr(module, name, wrapper)
 
 
-modules = {"weights": (model_format, "write_tensors"), "manifest": (model_format, "write_manifest"),
+modules = {"weights": (ArtifactWriter, "write_tensors"), "manifest": (ArtifactWriter, "finish"),
            "fsync": (atomic, "fsync_tree"), "swap": (atomic, "_exchange")}
 dying_after(*modules[point])
 torch.manual_seed(1)

@@ -106,7 +106,12 @@ class Snapshot:
             raise ArtifactError(f"Cannot open the artifact '{root}': {error.strerror}.") from None
         files: dict[str, tuple[int, int]] = {}
         try:
-            manifest = cls._read_manifest(root, dir_fd)
+            try:
+                manifest = cls._read_manifest(root, dir_fd)
+            except ArtifactError:
+                if _replaced(root, dir_fd):  # a save swapped the directory and removed the old one
+                    raise _Retry from None
+                raise
             problems = []
             for name, entry in manifest["files"].items():
                 try:
