@@ -14,40 +14,39 @@ __all__ = ["main"]
 
 
 def _architecture_lines(spec: Any, indent: str = "  ") -> list[str]:
+    """The architecture as an indented tree; anything unexpected is shown as it is."""
     if not isinstance(spec, dict):
-        return [f"{indent}{spec!r}"]
+        return [f"{indent}{_show(spec)}"]
     name = spec.get("class", "?")
-    if "layers" in spec:
+    children = spec.get("layers", spec.get("children"))
+    if isinstance(children, list):
+        children = dict(enumerate(children))
+    if isinstance(children, dict):
         lines = [f"{indent}{name}"]
-        for i, layer in enumerate(spec["layers"]):
-            sub = _architecture_lines(layer, indent + "  ")
-            lines += [f"{indent}  ({i}) {sub[0].strip()}", *sub[1:]]
-        return lines
-    if "network" in spec:
-        return [f"{indent}{name}", *_architecture_lines(spec["network"], indent + "  ")]
-    if "children" in spec:
-        lines = [f"{indent}{name}"]
-        for key, child in spec["children"].items():
+        for key, child in children.items():
             sub = _architecture_lines(child, indent + "  ")
             lines += [f"{indent}  ({key}) {sub[0].strip()}", *sub[1:]]
         return lines
-    config = spec.get("config", {})
-    args = ", ".join(f"{k}={_show(v)}" for k, v in config.items())
+    if "network" in spec:
+        return [f"{indent}{name}", *_architecture_lines(spec["network"], indent + "  ")]
+    config = spec.get("config")
+    args = ", ".join(f"{k}={_show(v)}" for k, v in config.items()) if isinstance(config, dict) else ""
     return [f"{indent}{name}({args})"]
 
 
 def _show(value: Any) -> str:
     """A recorded constructor argument, written as Python would show it."""
-    if isinstance(value, dict) and set(value) == {"tuple"}:
+    if isinstance(value, dict) and set(value) == {"tuple"} and isinstance(value["tuple"], list):
         items = [_show(v) for v in value["tuple"]]
         return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
-    if isinstance(value, dict) and set(value) == {"module"}:
+    if isinstance(value, dict) and set(value) == {"module"} and isinstance(value["module"], dict):
         return f"{value['module'].get('class', '?')}(...)"
-    if isinstance(value, dict) and set(value) == {"dict"}:
+    if isinstance(value, dict) and set(value) == {"dict"} and isinstance(value["dict"], dict):
         return "{" + ", ".join(f"{k!r}: {_show(v)}" for k, v in value["dict"].items()) + "}"
     if isinstance(value, list):
         return "[" + ", ".join(_show(v) for v in value) + "]"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _tensor_table(snapshot: Any) -> list[dict[str, Any]]:
@@ -107,7 +106,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _compile_line(config: dict[str, Any]) -> str:
     """Loss, optimizer, learning rate and metrics, from a schema-checked compile entry."""
     loss = config["loss"]
-    loss_name = loss.get("class") or loss.get("name") or (loss.get("spec") or {}).get("class")
+    spec = loss.get("spec") if isinstance(loss.get("spec"), dict) else {}
+    loss_name = loss.get("class") or loss.get("name") or spec.get("class")
     optimizer = config["optimizer"]
     groups = optimizer["param_groups"]
     metrics = [f"{(m.get('config') or {}).get('name', '?')} ({m['class']})" for m in config.get("metrics", [])]

@@ -17,7 +17,7 @@ __all__ = [
     "CONSTANTS", "SIGNATURES_DIR", "KIND_MODEL", "KIND_SAVED_MODEL", "HASH_CHUNK_BYTES",
     "DEFAULT_MAX_SHARD_BYTES", "MAX_MANIFEST_BYTES", "MAX_PROGRAM_BYTES", "MAX_INDEX_BYTES",
     "MAX_SAFETENSORS_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_INPUT_ELEMENTS", "MAX_NAME_LENGTH",
-    "is_known_file", "signature_file", "check_signature_name", "shard_file", "single_file",
+    "is_known_file", "check_format", "signature_file", "check_signature_name", "shard_file", "single_file",
     "index_file", "is_identifier_path", "validate_manifest",
 ]
 
@@ -147,12 +147,9 @@ _SPEC_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", 
                           "int8", "uint8", "bool", "complex64", "complex128"})
 
 
-def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
-    """Check a parsed manifest's structure, types and ranges (see DESIGN.md §3).
-
-    Raises:
-        ArtifactError: naming the first field that is missing, of the wrong type or out of range.
-    """
+def check_format(manifest: Any, where: str) -> dict[str, Any]:
+    """The checks that come before the manifest's checksum: a distsave manifest of a version
+    this code reads, carrying a checksum."""
     s = _Schema(where)
     m = s.dict(manifest, "(top level)")
     if m.get("format") != FORMAT_NAME:
@@ -163,7 +160,27 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
                             f"{list(READABLE_VERSIONS)}. Upgrade distsave to load it.")
     if not isinstance(m.get("manifest_sha256"), str) or not _SHA256.match(m["manifest_sha256"]):
         s.fail("manifest_sha256", "a sha256 hex digest", m.get("manifest_sha256"))
-    for key, value in s.dict(m.get("written_by", {}), "written_by").items():
+    return m
+
+
+_DEFAULTS = {"signatures": dict, "uninitialized": list, "optimizer_state": dict, "variables": dict,
+             "training_state": dict, "written_by": dict}
+
+
+def validate_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check a sealed manifest's structure, types and ranges (see DESIGN.md §3), and fill the
+    optional fields' defaults so readers need no guesswork.
+
+    Raises:
+        ArtifactError: naming the first field that is missing, of the wrong type or out of range.
+    """
+    s = _Schema(where)
+    m = check_format(manifest, where)
+    version = m["format_version"]
+    for key, default in _DEFAULTS.items():
+        if m.get(key) is None:
+            m[key] = default()
+    for key, value in s.dict(m["written_by"], "written_by").items():
         s.str(value, f"written_by.{key}")
     if m.get("kind") not in (KIND_MODEL, KIND_SAVED_MODEL):
         s.fail("kind", f"{KIND_MODEL!r} or {KIND_SAVED_MODEL!r}", m.get("kind"))
@@ -174,13 +191,15 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
     if m.get("architecture") is not None:
         s.dict(m["architecture"], "architecture")
     s.count(m.get("parameter_count", 0), "parameter_count")
-    for i, name in enumerate(s.list(m.get("uninitialized", []), "uninitialized")):
+    for i, name in enumerate(s.list(m["uninitialized"], "uninitialized")):
         s.str(name, f"uninitialized[{i}]")
-    _validate_signatures(s, m.get("signatures", {}))
+    _validate_signatures(s, m["signatures"])
+    _validate_training_fields(s, m)
     if m["kind"] == KIND_MODEL:
-        _validate_model_fields(s, m)
+        s.dict(m.get("architecture"), "architecture")
+        s.list(m.get("input_spec"), "input_spec")
     else:
-        for name, entry in s.dict(m.get("variables", {}), "variables").items():
+        for name, entry in s.dict(m["variables"], "variables").items():
             s.dict(entry, f"variables.{name}")
             for i, d in enumerate(s.list(entry.get("shape"), f"variables.{name}.shape")):
                 s.count(d, f"variables.{name}.shape[{i}]")
@@ -224,10 +243,8 @@ def _validate_signatures(s: _Schema, signatures: Any) -> None:
                 s.str(source, f"{field}.{table}.{target}")
 
 
-def _validate_model_fields(s: _Schema, m: dict[str, Any]) -> None:
-    s.dict(m.get("architecture"), "architecture")
-    s.list(m.get("input_spec"), "input_spec")
-    state = s.dict(m.get("training_state", {}), "training_state")
+def _validate_training_fields(s: _Schema, m: dict[str, Any]) -> None:
+    state = s.dict(m["training_state"], "training_state")
     s.count(state.get("epoch", 0), "training_state.epoch")
     s.count(state.get("step", 0), "training_state.step")
     if m.get("compile") is not None:
@@ -244,7 +261,7 @@ def _validate_model_fields(s: _Schema, m: dict[str, Any]) -> None:
             group = s.dict(group, f"compile.optimizer.param_groups[{i}]")
             for j, name in enumerate(s.list(group.get("params"), f"compile.optimizer.param_groups[{i}].params")):
                 s.str(name, f"compile.optimizer.param_groups[{i}].params[{j}]")
-    for name, values in s.dict(m.get("optimizer_state", {}), "optimizer_state").items():
+    for name, values in s.dict(m["optimizer_state"], "optimizer_state").items():
         for key, value in s.dict(values, f"optimizer_state.{name}").items():
             if isinstance(value, (dict, list)):
                 s.fail(f"optimizer_state.{name}.{key}", "a number, string, boolean or null", value)

@@ -22,7 +22,8 @@ import torch
 
 from .errors import ArtifactError
 from .format import (HASH_CHUNK_BYTES, MANIFEST, MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES,
-                     index_file, shard_file, single_file, validate_manifest)
+                     check_format, index_file, shard_file, single_file,
+                     validate_manifest)
 from .tensor_io import TensorEntry, TensorFile, parse_header, read_into
 
 __all__ = ["Snapshot", "parse_json", "canonical_manifest_bytes"]
@@ -159,11 +160,11 @@ class Snapshot:
             data = _read_exactly(fd, size, where)
         finally:
             os.close(fd)
-        manifest = validate_manifest(parse_json(data, where), where)
+        manifest = check_format(parse_json(data, where), where)
         if manifest["manifest_sha256"] != hashlib.sha256(canonical_manifest_bytes(manifest)).hexdigest():
             raise ArtifactError(f"{where} was modified after it was written (its checksum does not "
                                 "match its content). Restore the original manifest.")
-        return manifest
+        return validate_manifest(manifest, where)
 
     # -- reading --------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -204,8 +205,9 @@ class Snapshot:
             raise ArtifactError(f"'{self.root}' has neither {single_file(stem)} nor {index}.")
         content = self.read_json(index, MAX_INDEX_BYTES)
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
-        if not isinstance(weight_map, dict):
-            raise ArtifactError(f"{self.root / index}: field 'weight_map' should be an object.")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ArtifactError(f"{self.root / index}: field 'weight_map' should map tensor names to "
+                                "shard file names.")
         shards = sorted(set(weight_map.values()), key=str)
         expected = [shard_file(stem, i, len(shards)) for i in range(len(shards))]
         if shards != expected or not all(self.has(s) for s in shards):
