@@ -2,7 +2,7 @@
 
 from . import data, layers, saved_model, strategies
 from .data import datasets
-from .saving import ArtifactError, SaveError, load_model, register_serializable
+from .saving import ArtifactError, SaveError, load_model, register_serializable, wait_for_saves
 from .strategies import (
     MirroredStrategy,
     MultiWorkerMirroredStrategy,
@@ -20,4 +20,5 @@ __all__ = [
     "MultiWorkerMirroredStrategy", "OneDeviceStrategy", "ReduceOp", "SaveError", "Sequential",
     "Strategy", "TensorSpec", "__version__", "data", "datasets", "get_strategy", "layers",
     "load_model", "losses", "metrics", "register_serializable", "saved_model", "strategies",
+    "wait_for_saves",
 ]

@@ -1,4 +1,7 @@
-"""Overwrite an artifact with model.save and SIGKILL this process at a chosen point."""
+"""Overwrite an artifact with model.save and SIGKILL this process at a chosen point.
+
+    save_and_die.py TARGET POINT [--async]
+"""
 
 import os
 import signal
@@ -11,7 +14,7 @@ import distsave
 from distsave.saving import atomic
 from distsave.saving.manifest import ArtifactWriter
 
-target, point = sys.argv[1], sys.argv[2]
+target, point, blocking = sys.argv[1], sys.argv[2], "--async" not in sys.argv
 
 
 def dying_after(module, name):
@@ -31,4 +34,4 @@ dying_after(*modules[point])
 torch.manual_seed(1)
 model = distsave.Sequential([nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)],
                             input_spec=distsave.TensorSpec((None, 1, 28, 28)))
-model.save(target)
+distsave.wait_for_saves() if model.save(target, blocking=blocking) else None

@@ -15,12 +15,13 @@ from typing import Any
 
 from ..strategies import Strategy
 from .atomic import atomic_directory
+from .background import SaveHandle, start
 from .errors import SaveError
 from .format import MANIFEST
 from .manifest import ArtifactWriter
 from .storage import is_remote, local_path, remote_destination
 
-__all__ = ["is_artifact", "write_artifact"]
+__all__ = ["is_artifact", "write_artifact", "write_artifact_in_background"]
 
 
 def is_artifact(directory: Path) -> bool:
@@ -53,9 +54,7 @@ def write_artifact(strategy: Strategy, path: str | os.PathLike,
     failure: BaseException | None = None
     if strategy.is_chief:
         try:
-            with _local_target(path) as target, atomic_directory(target, is_ours=is_artifact) as staging:
-                writer = ArtifactWriter(staging)
-                writer.finish(write(writer))
+            _write(path, write)
         except Exception as error:  # re-raised below, after the other replicas are told
             failure = error
     message = strategy.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
@@ -63,3 +62,19 @@ def write_artifact(strategy: Strategy, path: str | os.PathLike,
         raise failure
     if message is not None:
         raise SaveError(f"Replica 0 failed to write '{path}': {message}")
+
+
+def _write(path: str | os.PathLike, write: Callable[[ArtifactWriter], dict[str, Any]]) -> None:
+    with _local_target(path) as target, atomic_directory(target, is_ours=is_artifact) as staging:
+        writer = ArtifactWriter(staging)
+        writer.finish(write(writer))
+
+
+def write_artifact_in_background(strategy: Strategy, path: str | os.PathLike,
+                                 write: Callable[[ArtifactWriter], dict[str, Any]]) -> SaveHandle:
+    """As `write_artifact`, but the chief writes in a background thread and every replica
+    returns at once. Replicas are not told of the outcome (that would need a collective while
+    training runs); the chief's next save or `wait_for_saves` raises a failure."""
+    if not strategy.is_chief:
+        return SaveHandle(os.fspath(path))
+    return start(os.fspath(path), lambda: _write(path, write))

@@ -12,6 +12,7 @@ reads each file once straight into the model.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -22,12 +23,13 @@ from ..strategies import get_strategy, has_strategy
 from ..training.model import Model
 from ..training.specs import TensorSpec
 from .architecture import build_module, module_spec
-from .commit import write_artifact
+from .background import SaveHandle, host_copies, wait_for_saves
+from .commit import write_artifact, write_artifact_in_background
 from .compile_config import compile_to_json, optimizer_state, restore_compile
 from .errors import ArtifactError, SaveError
 from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single_file
 from .manifest import ArtifactWriter
-from .signatures import write_signatures
+from .signatures import export_signatures
 from .snapshot import Snapshot
 from .storage import download_artifact, is_remote, local_path
 from .tensor_io import TensorEntry
@@ -57,7 +59,8 @@ def materialize(model: nn.Module, specs: list[TensorSpec] | None) -> None:
     model.train(was_training)
 
 
-def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | None = None) -> None:
+def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | None = None,
+               blocking: bool = True) -> SaveHandle:
     """Write ``model`` as a distsave model directory (see the module docstring).
 
     Call it on every replica (inside or outside a strategy's scope): the chief writes once,
@@ -69,40 +72,55 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
             An fsspec URL (``s3://bucket/run``) is written locally, then uploaded, manifest last.
         max_shard_size: Split weights into safetensors shards of at most this many bytes
             (default 4 GiB).
+        blocking: False returns once the tensors are copied to host memory; the chief writes in
+            a background thread (see `distsave.wait_for_saves`); training may go on meanwhile.
+
+    Returns:
+        A `SaveHandle`; ``handle.result()`` waits for a background save and raises its error.
 
     Raises:
-        SaveError: inputs unknown, a layer that cannot be recorded, or a failed write (the
-            previous artifact is kept).
+        SaveError: inputs unknown, a layer that cannot be recorded, a failed write (the previous
+            artifact is kept), or the failure of an earlier background save.
     """
     if not isinstance(model, Model):
         raise TypeError(f"Expected a distsave.Model. Received: {type(model).__name__}. Wrap an "
                         "nn.Module with distsave.Model(module, input_spec=...).")
     if model.input_spec is None:
         raise SaveError(_NO_INPUTS.format(name=type(model).__name__))
+    wait_for_saves()  # one save in flight at a time; an earlier failure surfaces here
     materialize(model, model.input_spec)
     architecture = module_spec(model)
+    input_spec = [s.to_json() for s in model.input_spec]
     _check_rebuilds(architecture, model)
-    compile_config = compile_to_json(model)
-    state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
     strategy = model.distribute_strategy
+    signatures = (export_signatures(model, None, cache_key=json.dumps([architecture, input_spec]))
+                  if strategy.is_chief else None)
+    weights = model.state_dict()
+    state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
+    if not blocking:
+        weights = host_copies(model, weights)
+        state_tensors = host_copies(model.optimizer, state_tensors) if state_tensors else {}
+    content = {
+        "kind": KIND_MODEL,
+        "architecture": architecture,
+        "input_spec": input_spec,
+        "parameter_count": sum(p.numel() for p in model.parameters()),
+        "compile": compile_to_json(model),
+        "optimizer_state": state_scalars,
+        "training_state": {"epoch": model.epoch, "step": model.step},
+        "trained_under": strategy.describe(),
+    }
 
     def write(writer: ArtifactWriter) -> dict[str, Any]:
-        writer.write_tensors(WEIGHTS, model.state_dict(), max_shard_size)
+        writer.write_tensors(WEIGHTS, weights, max_shard_size)
         if state_tensors:
             writer.write_tensors(OPTIMIZER, state_tensors, max_shard_size)
-        return {
-            "kind": KIND_MODEL,
-            "architecture": architecture,
-            "input_spec": [s.to_json() for s in model.input_spec],
-            "parameter_count": sum(p.numel() for p in model.parameters()),
-            "compile": compile_config,
-            "optimizer_state": state_scalars,
-            "training_state": {"epoch": model.epoch, "step": model.step},
-            "trained_under": strategy.describe(),
-            "signatures": write_signatures(writer, model, None),
-        }
+        return {**content, "signatures": signatures.write(writer)}
 
+    if not blocking:
+        return write_artifact_in_background(strategy, path, write)
     write_artifact(strategy, path, write)
+    return SaveHandle(os.fspath(path))
 
 
 def _check_rebuilds(architecture: dict[str, Any], model: Model) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,8 @@ from .format import CONSTANTS, check_signature_name, signature_file
 from .manifest import ArtifactWriter
 from .program import export_program
 
-__all__ = ["DEFAULT_SIGNATURE", "Signature", "unwrap", "write_signatures"]
+__all__ = ["DEFAULT_SIGNATURE", "ExportedSignatures", "Signature", "export_signatures", "unwrap",
+           "write_signatures"]
 
 DEFAULT_SIGNATURE = "serving_default"
 
@@ -171,22 +173,56 @@ def _export_signature(root: nn.Module, prefix: str, name: str,
     return program, entry, {f"{name}/{c}": t for c, t in constants.items()}
 
 
-def write_signatures(writer: ArtifactWriter, obj: nn.Module, signatures: Any,
-                     input_spec: list[TensorSpec] | None = None,
-                     output_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Export every signature and write its program (and any program constants) with
-    ``writer``; return their manifest entries. The weights are the caller's to write.
+@dataclass(frozen=True)
+class ExportedSignatures:
+    """Signatures exported on the caller's thread, ready to be written (possibly later)."""
+
+    programs: dict[str, tuple[dict, dict, dict[str, torch.Tensor]]]
+
+    @property
+    def constants(self) -> dict[str, torch.Tensor]:
+        return {k: v for _, _, c in self.programs.values() for k, v in c.items()}
+
+    def write(self, writer: ArtifactWriter) -> dict[str, Any]:
+        """Write each program (and any program constants); return the manifest entries."""
+        if self.constants:
+            writer.write_tensors(CONSTANTS, self.constants)
+        for program, entry, _ in self.programs.values():
+            writer.write_json(entry["program"], program)
+        return {name: entry for name, (_, entry, _) in self.programs.items()}
+
+
+# The default signature of a model, by the architecture and inputs it was exported for: saving
+# the same model again (checkpoints) reuses it; programs hold no weights.
+_SERVING_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def export_signatures(obj: nn.Module, signatures: Any, input_spec: list[TensorSpec] | None = None,
+                      output_names: Sequence[str] | None = None,
+                      cache_key: str | None = None) -> ExportedSignatures:
+    """Export every signature with ``torch.export`` (on the caller's thread: it reads the model).
+
+    Args:
+        cache_key: For the default signature only: a description of the architecture and
+            inputs; an earlier export of ``obj`` under the same key is reused.
 
     Raises:
         SaveError: a signature name that is not a plain file name, or a signature that cannot
             be exported (the message says which and why).
     """
     spec = input_spec or getattr(obj, "input_spec", None)
+    cached = _SERVING_CACHE.get(obj) if cache_key is not None and signatures is None else None
+    if cached is not None and cached[0] == cache_key:
+        return cached[1]
     resolved = _resolve_signatures(obj, signatures, spec, output_names)
-    prepared = {name: _prepare(obj, name, sig) for name, sig in resolved.items()}
-    constants = {k: v for _, _, c in prepared.values() for k, v in c.items()}
-    if constants:
-        writer.write_tensors(CONSTANTS, constants)
-    for program, entry, _ in prepared.values():
-        writer.write_json(entry["program"], program)
-    return {name: entry for name, (_, entry, _) in prepared.items()}
+    exported = ExportedSignatures({name: _prepare(obj, name, sig) for name, sig in resolved.items()})
+    if cache_key is not None and signatures is None and not exported.constants:
+        _SERVING_CACHE[obj] = (cache_key, exported)
+    return exported
+
+
+def write_signatures(writer: ArtifactWriter, obj: nn.Module, signatures: Any,
+                     input_spec: list[TensorSpec] | None = None,
+                     output_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Export every signature and write it with ``writer``; return the manifest entries."""
+    return export_signatures(obj, signatures, input_spec, output_names).write(writer)

@@ -168,11 +168,15 @@ class Model(nn.Module):
 
         return count_params(self)
 
-    def save(self, path: str, *, max_shard_size: int | None = None) -> None:
-        """Write this model as a distsave model directory; see `distsave.saving.save_model`."""
+    def save(self, path: str, *, max_shard_size: int | None = None, blocking: bool = True) -> Any:
+        """Write this model as a distsave model directory; see `distsave.saving.save_model`.
+
+        ``blocking=False`` returns once the tensors are in host memory and writes in the
+        background; `distsave.wait_for_saves()` (or the returned handle's ``result()``) waits.
+        """
         from ..saving.model_format import save_model  # saving builds on training, not the reverse
 
-        save_model(self, path, max_shard_size=max_shard_size)
+        return save_model(self, path, max_shard_size=max_shard_size, blocking=blocking)
 
     def train_module(self) -> nn.Module:
         """The module a training step calls: this model, or its data-parallel wrapper."""
