@@ -22,14 +22,15 @@ from torch._export.serde import serialize as serde
 
 from .errors import ArtifactError, SaveError
 from .program_graph import build_graph_module
-from .program_schema import MAX_NAME_LENGTH, MAX_PROGRAM_NODES, check_schema, operator_allowed
+from .program_schema import (MAX_ARGUMENT_ITEMS, MAX_NAME_LENGTH, MAX_PROGRAM_NODES, check_schema,
+                             operator_allowed)
 
-__all__ = ["MAX_NAME_LENGTH", "MAX_PROGRAM_BYTES", "MAX_PROGRAM_NODES", "build_program",
+__all__ = ["MAX_ARGUMENT_ITEMS", "MAX_NAME_LENGTH", "MAX_PROGRAM_BYTES", "MAX_PROGRAM_NODES", "build_program",
            "check_program", "export_program", "operator_allowed", "validate_program"]
 
-# A program at the node cap is ~1-2 kB a node when written by export; the byte cap leaves room
-# for that and keeps the worst-case check and build within a few seconds (see benchmarks).
-MAX_PROGRAM_BYTES = 64 * 2**20
+# Export writes ~0.5-1.5 kB a node (with each value's metadata), so a program at the node cap
+# fits; the cap also bounds the JSON parse and schema walk (benchmarks/program_load.py).
+MAX_PROGRAM_BYTES = 32 * 2**20
 # Where torch's serializer can skip pickling the tensors we store apart (torch >= 2.12), skip it;
 # older versions pickle them into bytes that are dropped unread.
 _SKIP_TENSOR_PAYLOADS = {name: False for name in ("serialize_state_dict", "serialize_constants",

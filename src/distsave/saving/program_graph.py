@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch._export.serde import serialize as serde
 
 from .errors import ArtifactError
-from .program_schema import resolve_operator
+from .program_schema import MAX_PROGRAM_NODES, resolve_operator
 
 __all__ = ["build_graph_module"]
 
@@ -54,6 +54,9 @@ class _GraphBuilder:
         self.graph = fx.Graph()
         self.values: dict[str, Any] = {}
         self.state_nodes: dict[str, fx.Node] = {}
+
+    def call(self, target: Any, args: tuple, kwargs: dict[str, Any] | None = None) -> fx.Node:
+        return self.graph.call_function(target, args, kwargs)
 
     def define(self, name: str, value: Any, field: str) -> None:
         if name in self.values:
@@ -204,7 +207,7 @@ class _GraphBuilder:
             args, kwargs = _place_arguments(target, given, field)
         else:
             args, kwargs = tuple(given.values()), {}
-        call = self.graph.call_function(target, args, kwargs)
+        call = self.call(target, args, kwargs)
         self.outputs(call, node["outputs"], field)
 
     def outputs(self, call: fx.Node, outputs: list[dict[str, Any]], field: str) -> None:
@@ -223,15 +226,15 @@ class _GraphBuilder:
             if kind == "as_tensor" or (kind.startswith("as_sym_") and not kind.endswith("s")):
                 name = body["name"] if kind == "as_tensor" else body.get("as_name")
                 if name is not None:
-                    self.define(name, self.graph.call_function(operator.getitem, (call, j)),
+                    self.define(name, self.call(operator.getitem, (call, j)),
                                 f"{field}.outputs[{j}]")
             elif kind == "as_tensors":
-                inner = self.graph.call_function(operator.getitem, (call, j))
+                inner = self.call(operator.getitem, (call, j))
                 self.items(inner, body, f"{field}.outputs[{j}].as_tensors")
 
     def items(self, call: fx.Node, tensors: list[dict[str, Any]], field: str) -> None:
         for k, tensor in enumerate(tensors):
-            self.define(tensor["name"], self.graph.call_function(operator.getitem, (call, k)), f"{field}[{k}]")
+            self.define(tensor["name"], self.call(operator.getitem, (call, k)), f"{field}[{k}]")
 
     def results(self, graph: dict[str, Any], specs: list[dict[str, Any]]) -> None:
         """The output node: user outputs as a tuple; buffer updates copied into the buffers."""
@@ -249,11 +252,21 @@ class _GraphBuilder:
             if kind == "user_output":
                 results.append(value)
             elif body["buffer_name"] in self.state_nodes:
-                self.graph.call_function(torch.ops.aten.copy_.default,
-                                         (self.state_nodes[body["buffer_name"]], value))
+                self.call(torch.ops.aten.copy_.default, (self.state_nodes[body["buffer_name"]], value))
             else:
                 raise _Broken(f"{field}: updates {body['buffer_name']!r}, which is not a buffer input")
         self.graph.output(tuple(results))
+
+
+def _graph_size(graph: dict[str, Any]) -> int:
+    """At least the number of nodes the built graph will have: inputs and state, calls, their
+    output items, buffer updates and the output node."""
+    size = len(graph["inputs"]) + len(graph["outputs"]) + 1
+    for node in graph["nodes"]:
+        outputs = node["outputs"]
+        lists = sum(len(o["as_tensors"]) for o in outputs if isinstance(o.get("as_tensors"), list))
+        size += 1 + lists + (len(outputs) if len(outputs) > 1 else 0)
+    return size
 
 
 def _place_arguments(op: torch._ops.OpOverload, given: dict[Any, Any],
@@ -295,6 +308,10 @@ def build_graph_module(program: dict[str, Any], state: dict[str, torch.Tensor],
     graph, signature = module_json["graph"], module_json["signature"]
     builder = _GraphBuilder(where)
     try:
+        size = _graph_size(graph)
+        if size > MAX_PROGRAM_NODES:
+            raise _Broken(f"graph_module.graph: the program would build {size} graph nodes (inputs, "
+                          f"state, calls and their output items), more than {MAX_PROGRAM_NODES}; refused")
         builder.inputs(graph, signature["input_specs"], state, constants)
         for index, node in enumerate(graph["nodes"]):
             builder.node(index, node)

@@ -22,11 +22,14 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["MAX_NAME_LENGTH", "MAX_PROGRAM_NODES", "check_schema", "name_problem", "path_problem",
+__all__ = ["MAX_ARGUMENT_ITEMS", "MAX_NAME_LENGTH", "MAX_PROGRAM_NODES", "check_schema", "name_problem", "path_problem",
            "operator_allowed", "resolve_operator", "BUILTIN_OPERATORS"]
 
 MAX_NAME_LENGTH = 256
 MAX_PROGRAM_NODES = 20_000
+MAX_ARGUMENT_ITEMS = 8 * MAX_PROGRAM_NODES
+MAX_TENSOR_RANK = 32
+_MAX_SMALL_MAP = 64
 _MAX_EXPRESSION_LENGTH = 4096
 _MAX_PROBLEMS = 20
 
@@ -185,14 +188,18 @@ class Union:
 
 @dataclass(frozen=True)
 class ListOf:
+    """A list; ``counted`` lists (arguments and outputs of calls, which each become source text
+    or graph nodes) share the program's budget of ``MAX_ARGUMENT_ITEMS``."""
     item: Any
-    max_items: int | None = None
+    max_items: int = MAX_PROGRAM_NODES
+    counted: bool = False
 
 
 @dataclass(frozen=True)
 class MapOf:
     key: Any
     value: Any
+    max_items: int = MAX_PROGRAM_NODES
 
 
 @dataclass(frozen=True)
@@ -254,29 +261,30 @@ SYM_FLOAT_ARGUMENT = Union({"as_name": NAME, "as_float": FLOAT})
 OPTIONAL_TENSOR = Union({"as_tensor": TENSOR_ARGUMENT, "as_none": BOOL})
 DEVICE = Struct({"type": DEVICE_TYPE}, {"index": Nullable(INT)})
 ARGUMENT = Union({
-    "as_none": BOOL, "as_tensor": TENSOR_ARGUMENT, "as_tensors": ListOf(TENSOR_ARGUMENT),
-    "as_int": INT, "as_ints": ListOf(INT), "as_float": FLOAT, "as_floats": ListOf(FLOAT),
-    "as_string": TEXT, "as_strings": ListOf(TEXT), "as_sym_int": SYM_INT_ARGUMENT,
-    "as_sym_ints": ListOf(SYM_INT_ARGUMENT), "as_scalar_type": SCALAR_TYPE,
+    "as_none": BOOL, "as_tensor": TENSOR_ARGUMENT, "as_tensors": ListOf(TENSOR_ARGUMENT, counted=True),
+    "as_int": INT, "as_ints": ListOf(INT, counted=True), "as_float": FLOAT, "as_floats": ListOf(FLOAT, counted=True),
+    "as_string": TEXT, "as_strings": ListOf(TEXT, counted=True), "as_sym_int": SYM_INT_ARGUMENT,
+    "as_sym_ints": ListOf(SYM_INT_ARGUMENT, counted=True), "as_scalar_type": SCALAR_TYPE,
     "as_memory_format": MEMORY_FORMAT, "as_layout": LAYOUT, "as_device": DEVICE, "as_bool": BOOL,
-    "as_bools": ListOf(BOOL), "as_sym_bool": SYM_BOOL_ARGUMENT, "as_sym_bools": ListOf(SYM_BOOL_ARGUMENT),
-    "as_optional_tensors": ListOf(OPTIONAL_TENSOR), "as_sym_float": SYM_FLOAT_ARGUMENT,
-    "as_sym_floats": ListOf(SYM_FLOAT_ARGUMENT), "as_optional_tensor": OPTIONAL_TENSOR,
+    "as_bools": ListOf(BOOL, counted=True), "as_sym_bool": SYM_BOOL_ARGUMENT, "as_sym_bools": ListOf(SYM_BOOL_ARGUMENT, counted=True),
+    "as_optional_tensors": ListOf(OPTIONAL_TENSOR, counted=True), "as_sym_float": SYM_FLOAT_ARGUMENT,
+    "as_sym_floats": ListOf(SYM_FLOAT_ARGUMENT, counted=True), "as_optional_tensor": OPTIONAL_TENSOR,
     "as_complex": Struct({"real": FLOAT, "imag": FLOAT}, {}),
-    "as_nested_tensors": ListOf(ListOf(TENSOR_ARGUMENT)), "as_int_lists": ListOf(ListOf(INT)),
-    "as_float_lists": ListOf(ListOf(FLOAT)),
+    "as_nested_tensors": ListOf(ListOf(TENSOR_ARGUMENT, counted=True), counted=True), "as_int_lists": ListOf(ListOf(INT, counted=True), counted=True),
+    "as_float_lists": ListOf(ListOf(FLOAT, counted=True), counted=True),
 })
 NAMED_ARGUMENT = Struct({"name": ARGUMENT_NAME, "arg": ARGUMENT}, {"kind": Nullable(ARGUMENT_KIND)})
-NODE = Struct({"target": OPERATOR, "inputs": ListOf(NAMED_ARGUMENT), "outputs": ListOf(ARGUMENT)},
-              {"metadata": MapOf(TEXT, TEXT), "is_hop_single_tensor_return": Nullable(BOOL),
+NODE = Struct({"target": OPERATOR, "inputs": ListOf(NAMED_ARGUMENT, counted=True),
+               "outputs": ListOf(ARGUMENT, counted=True)},
+              {"metadata": MapOf(TEXT, TEXT, _MAX_SMALL_MAP), "is_hop_single_tensor_return": Nullable(BOOL),
                "name": Nullable(NAME)})
 SYM_EXPR = Struct({"expr_str": EXPRESSION},
                   {"hint": Nullable(Union({"as_int": INT, "as_bool": BOOL, "as_float": FLOAT}))})
 SYM_INT = Union({"as_expr": SYM_EXPR, "as_int": INT})
 SYM_BOOL = Union({"as_expr": SYM_EXPR, "as_bool": BOOL})
 SYM_FLOAT = Union({"as_expr": SYM_EXPR, "as_float": FLOAT})
-TENSOR_META = Struct({"dtype": SCALAR_TYPE, "sizes": ListOf(SYM_INT), "requires_grad": BOOL,
-                      "device": DEVICE, "strides": ListOf(SYM_INT), "storage_offset": SYM_INT,
+TENSOR_META = Struct({"dtype": SCALAR_TYPE, "sizes": ListOf(SYM_INT, MAX_TENSOR_RANK), "requires_grad": BOOL,
+                      "device": DEVICE, "strides": ListOf(SYM_INT, MAX_TENSOR_RANK), "storage_offset": SYM_INT,
                       "layout": LAYOUT}, {})
 GRAPH = Struct({"inputs": ListOf(ARGUMENT), "outputs": ListOf(ARGUMENT),
                 "nodes": ListOf(NODE, MAX_PROGRAM_NODES), "tensor_values": MapOf(NAME, TENSOR_META),
@@ -301,14 +309,14 @@ GRAPH_MODULE = Struct({
     "graph": GRAPH,
     "signature": Struct({"input_specs": ListOf(INPUT_SPEC), "output_specs": ListOf(OUTPUT_SPEC)}, {}),
     "module_call_graph": ListOf(Struct({"fqn": MODULE_PATH}, {"signature": Nullable(MODULE_CALL_SIGNATURE)})),
-}, {"metadata": MapOf(TEXT, TEXT),
+}, {"metadata": MapOf(TEXT, TEXT, _MAX_SMALL_MAP),
     "treespec_namedtuple_fields": Empty("it defines named-tuple types")})
 PROGRAM = Struct({
     "graph_module": GRAPH_MODULE,
-    "opset_version": MapOf(NAME, INT),
+    "opset_version": MapOf(NAME, INT, _MAX_SMALL_MAP),
     "range_constraints": MapOf(EXPRESSION, Struct({"min_val": Nullable(INT), "max_val": Nullable(INT)}, {})),
     "schema_version": Struct({"major": INT, "minor": INT}, {}),
-}, {"verifiers": ListOf(NAME), "torch_version": VERSION,
+}, {"verifiers": ListOf(NAME, _MAX_SMALL_MAP), "torch_version": VERSION,
     "guards_code": Empty("it carries guard code, which torch would compile and run")})
 
 
@@ -326,57 +334,118 @@ def _key_text(key: str) -> str:
     return key if _IDENTIFIER.match(key) and len(key) <= MAX_NAME_LENGTH else repr(key[:80])
 
 
+class _Enough(Exception):
+    """Raised once ``_MAX_PROBLEMS`` are found: the rest of the walk is skipped."""
+
+
+class _Problems(list):
+    items = 0  # entries of counted lists seen so far
+
+    def add(self, path: tuple | None, problem: str) -> None:
+        self.append(f"{render_path(path)}: {problem}")
+        if len(self) >= _MAX_PROBLEMS:
+            raise _Enough
+
+
+def _compile(kind: Any):
+    """A checker ``(value, path, problems)`` for a schema type. The schema is not recursive
+    (subgraphs are refused), so checkers nest only as deep as the schema, whatever the input."""
+    if isinstance(kind, Leaf):
+        name, checks = kind.check, globals()
+
+        def leaf(value, path, problems):
+            problem = checks[name](value)  # looked up per call: tests may switch a check off
+            if problem:
+                problems.add(path, problem)
+        return leaf
+    if isinstance(kind, Nullable):
+        inner = _compile(kind.inner)
+
+        def nullable(value, path, problems):
+            if value is not None:
+                inner(value, path, problems)
+        return nullable
+    if isinstance(kind, Empty):
+        def empty(value, path, problems):
+            if value not in ({}, [], None):
+                problems.add(path, f"{kind.reason}; refused")
+        return empty
+    if isinstance(kind, ListOf):
+        item, limit, counted = _compile(kind.item), kind.max_items, kind.counted
+
+        def list_of(value, path, problems):
+            if type(value) is not list:
+                problems.add(path, f"expected a list, received {type(value).__name__}")
+            elif len(value) > limit:
+                problems.add(path, f"{len(value)} entries, more than the limit of {limit}; refused")
+            else:
+                if counted:
+                    problems.items += len(value)
+                    if problems.items > MAX_ARGUMENT_ITEMS:
+                        problems.add(path, f"the program's calls have more than {MAX_ARGUMENT_ITEMS} "
+                                           "arguments and outputs in all; refused")
+                        raise _Enough
+                for i, element in enumerate(value):
+                    item(element, (path, i), problems)
+        return list_of
+    if isinstance(kind, MapOf):
+        key_check, value_check, limit = _compile(kind.key), _compile(kind.value), kind.max_items
+
+        def map_of(value, path, problems):
+            if type(value) is not dict:
+                problems.add(path, f"expected an object, received {type(value).__name__}")
+                return
+            if len(value) > limit:
+                problems.add(path, f"{len(value)} entries, more than the limit of {limit}; refused")
+                return
+            for key, element in value.items():
+                child = (path, _key_text(key))
+                key_check(key, child, problems)
+                value_check(element, child, problems)
+        return map_of
+    if isinstance(kind, Union):
+        options = {key: _compile(option) for key, option in kind.options.items()}
+        expected = ", ".join(sorted(options))
+
+        def union(value, path, problems):
+            if type(value) is not dict or len(value) != 1:
+                received = sorted(map(_key_text, value))[:8] if type(value) is dict else type(value).__name__
+                problems.add(path, f"expected an object with exactly one of {expected}; received {received}")
+                return
+            (key, element), = value.items()
+            option = options.get(key)
+            if option is None:
+                problems.add(path, f"unsupported entry {_key_text(key)} (expected one of {expected})")
+            else:
+                option(element, (path, key), problems)
+        return union
+    fields = {key: _compile(field) for key, field in {**kind.required, **kind.optional}.items()}
+    required = frozenset(kind.required)
+
+    def struct(value, path, problems):
+        if type(value) is not dict:
+            problems.add(path, f"expected an object, received {type(value).__name__}")
+            return
+        if not required <= value.keys() or not value.keys() <= fields.keys():
+            missing = sorted(required - value.keys())
+            unknown = [_key_text(k) for k in value if k not in fields]
+            problems.add(path, "; ".join(([f"missing {missing}"] if missing else [])
+                                         + ([f"unknown keys {unknown[:8]}"] if unknown else [])))
+        for key, element in value.items():
+            field = fields.get(key)
+            if field is not None:
+                field(element, (path, key), problems)
+    return struct
+
+
+_CHECK_PROGRAM = _compile(PROGRAM)
+
+
 def check_schema(program: Any) -> list[str]:
     """Every way ``program`` departs from the schema, as ``field path: problem`` (at most 20)."""
-    problems: list[str] = []
-    checks = globals()
-    stack: list[tuple[Any, Any, tuple | None]] = [(program, PROGRAM, None)]
-    while stack and len(problems) < _MAX_PROBLEMS:
-        value, kind, path = stack.pop()
-        if isinstance(kind, Leaf):
-            problem = checks[kind.check](value)
-            if problem:
-                problems.append(f"{render_path(path)}: {problem}")
-        elif isinstance(kind, Nullable):
-            if value is not None:
-                stack.append((value, kind.inner, path))
-        elif isinstance(kind, Empty):
-            if value not in ({}, [], None):
-                problems.append(f"{render_path(path)}: {kind.reason}; refused")
-        elif isinstance(kind, ListOf):
-            if not isinstance(value, list):
-                problems.append(f"{render_path(path)}: expected a list, received {type(value).__name__}")
-            elif kind.max_items is not None and len(value) > kind.max_items:
-                problems.append(f"{render_path(path)}: {len(value)} entries, more than the limit of "
-                                f"{kind.max_items}; refused")
-            else:
-                stack.extend((item, kind.item, (path, i)) for i, item in reversed(list(enumerate(value))))
-        elif not isinstance(value, dict):
-            problems.append(f"{render_path(path)}: expected an object, received {type(value).__name__}")
-        elif isinstance(kind, MapOf):
-            for key, item in reversed(list(value.items())):
-                child = (path, _key_text(key))
-                stack.append((item, kind.value, child))
-                stack.append((key, kind.key, child))
-        elif isinstance(kind, Union):
-            if len(value) != 1:
-                problems.append(f"{render_path(path)}: expected exactly one of {sorted(kind.options)}, "
-                                f"received keys {sorted(map(_key_text, value))[:8]}")
-                continue
-            (key, item), = value.items()
-            if key not in kind.options:
-                problems.append(f"{render_path(path)}: unsupported entry {_key_text(key)} (expected "
-                                f"one of {', '.join(sorted(kind.options))})")
-                continue
-            stack.append((item, kind.options[key], (path, key)))
-        else:
-            missing = [k for k in kind.required if k not in value]
-            unknown = [_key_text(k) for k in value if k not in kind.required and k not in kind.optional]
-            if missing or unknown:
-                problems.append(f"{render_path(path)}: " + "; ".join(
-                    ([f"missing {missing}"] if missing else []) + ([f"unknown keys {unknown[:8]}"] if unknown else [])))
-            for key in reversed(list(value)):
-                field = kind.required.get(key) or kind.optional.get(key)
-                if field is not None:
-                    stack.append((value[key], field, (path, key)))
-    return problems
+    problems = _Problems()
+    try:
+        _CHECK_PROGRAM(program, None, problems)
+    except _Enough:
+        pass
+    return list(problems)
