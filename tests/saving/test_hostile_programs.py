@@ -249,6 +249,13 @@ def test_without_the_name_checks_the_crafted_name_is_not_refused(artifact, tmp_p
         assert canary.exists()  # our builder writes state paths into source: the check is the guard
 
 
+@pytest.mark.parametrize("text", ["x\n", "x\n__import__('os')", "if", "x" * 257, "net.1.weight"])
+def test_only_whole_identifiers_pass_as_names(artifact, text):
+    tamper(artifact, lambda program, manifest: rename(program, "x", text))
+    with pytest.raises(ArtifactError, match=r"graph_module\.graph\.inputs\[10\]\.as_tensor\.name"):
+        load_and_call(artifact)
+
+
 def test_code_in_a_symbolic_expression_runs_in_torchs_deserializer_and_is_refused(artifact, tmp_path):
     canary = tmp_path / "pwned"
     expression = f"__import__('os').system('touch {canary}')"

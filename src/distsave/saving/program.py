@@ -137,4 +137,5 @@ def build_program(program: dict[str, Any], state: dict[str, torch.Tensor],
     except ArtifactError:
         raise
     except Exception as error:  # any other failure to rebuild is a broken artifact
-        raise ArtifactError(f"Could not rebuild the program {where}: {type(error).__name__}: {error}") from None
+        raise ArtifactError(f"Could not rebuild the program {where}: {type(error).__name__}: "
+                            f"{error}") from None

@@ -202,7 +202,8 @@ class _GraphBuilder:
         for j, named in enumerate(node["inputs"]):
             if named["name"] in given:
                 raise _Broken(f"{field}.inputs[{j}]: argument {named['name']!r} given twice")
-            given[named["name"] if named["name"] else j] = self.argument(named["arg"], f"{field}.inputs[{j}].arg")
+            key = named["name"] if named["name"] else j  # builtins take unnamed positional arguments
+            given[key] = self.argument(named["arg"], f"{field}.inputs[{j}].arg")
         if isinstance(target, torch._ops.OpOverload):
             args, kwargs = _place_arguments(target, given, field)
         else:

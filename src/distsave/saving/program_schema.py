@@ -5,8 +5,10 @@ known here and every string has a kind: names (identifiers: torch.fx pastes them
 source it executes), state paths (dotted identifiers or indices), shape expressions (arithmetic
 on shape symbols), operators (the allowlist) or inert text (argument values, kept as data).
 Keys this schema does not know, and the parts of torch's schema that carry code or objects
-(guard code, custom objects, operator arguments, subgraphs), are refused. The walk is
-iterative, so nesting depth costs no stack.
+(guard code, custom objects, operator arguments, subgraphs), are refused. The schema has no
+recursive type (subgraphs are refused), so the check nests only as deep as the schema,
+whatever the depth of the input. Patterns are matched in full (``fullmatch``: a ``$`` would let
+a trailing newline through).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["MAX_ARGUMENT_ITEMS", "MAX_NAME_LENGTH", "MAX_PROGRAM_NODES", "check_schema", "name_problem", "path_problem",
-           "operator_allowed", "resolve_operator", "BUILTIN_OPERATORS"]
+__all__ = ["MAX_ARGUMENT_ITEMS", "MAX_NAME_LENGTH", "MAX_PROGRAM_NODES", "MAX_TENSOR_RANK",
+           "check_schema", "name_problem", "operator_allowed", "path_problem", "resolve_operator"]
 
 MAX_NAME_LENGTH = 256
 MAX_PROGRAM_NODES = 20_000
@@ -46,20 +48,21 @@ _SHAPE_OPS = frozenset({
     "_assert_scalar.default", "_assert_tensor_metadata.default", "sym_constrain_range.default",
     "sym_constrain_range_for_size.default", "view.default", "alias.default",
 })
-_ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)$")
+_ATEN = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)")
 _SYMPY_NAMES = frozenset({
     "FloorDiv", "Mod", "PythonMod", "CleanDiv", "CeilDiv", "Max", "Min", "ModularIndexing", "Where",
     "CeilToInt", "FloorToInt", "PowByNatural", "TruncToInt", "IntTrueDiv", "oo", "True", "False",
     "Symbol", "Integer", "Rational", "Add", "Mul", "Pow", "positive", "negative", "nonnegative",
     "integer", "real", "finite", "infinite", "zero", "nonzero", "even", "odd",
 })
-_QUOTED_SYMBOL = re.compile(r"'[a-z]\d+'")
-_EXPRESSION = re.compile(r"^[A-Za-z0-9_+\-*/%(),. <>=!]*$")
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SYMBOL = re.compile(r"^[a-z]\d+$")
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_INDEX = re.compile(r"^[0-9]{1,9}$")
-_VERSION = re.compile(r"^[A-Za-z0-9.+_-]{1,64}$")
+_QUOTED_SYMBOL = re.compile(r"'[a-z][0-9]+'")
+_EXPRESSION = re.compile(r"[A-Za-z0-9_+\-*/%(),. <>=!]*")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # found in text, not matched in full
+_SYMBOL = re.compile(r"[a-z][0-9]+")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_INDEX = re.compile(r"[0-9]{1,9}")
+_VERSION = re.compile(r"[A-Za-z0-9.+_-]{1,64}")
+_DEVICE_TYPE = re.compile(r"[a-z_]{1,16}")
 _FLOAT_WORDS = frozenset({"Infinity", "-Infinity", "NaN"})
 _INT64 = (-2**63, 2**63)
 
@@ -69,7 +72,7 @@ def resolve_operator(target: str) -> Any:
     """The callable for an allowed operator name (core ATen, shape ops, shape builtins), or None."""
     if target in BUILTIN_OPERATORS:
         return BUILTIN_OPERATORS[target]
-    match = _ATEN.match(target)
+    match = _ATEN.fullmatch(target)
     if match is None:
         return None
     name, overload = match.groups()
@@ -93,7 +96,7 @@ def name_problem(value: Any) -> str | None:
         return f"expected a name (string), received {type(value).__name__}"
     if len(value) > MAX_NAME_LENGTH:
         return f"name is {len(value)} characters long (at most {MAX_NAME_LENGTH})"
-    if not _IDENTIFIER.match(value) or keyword.iskeyword(value):
+    if not _IDENTIFIER.fullmatch(value) or keyword.iskeyword(value):
         return f"{value!r} is not an identifier (letters, digits, '_'; not a Python keyword)"
     return None
 
@@ -114,9 +117,9 @@ def path_problem(value: Any, *, root_allowed: bool = False) -> str | None:
     if len(value) > MAX_NAME_LENGTH:
         return f"name is {len(value)} characters long (at most {MAX_NAME_LENGTH})"
     for part in value.split("."):
-        if _INDEX.match(part):
+        if _INDEX.fullmatch(part):
             continue
-        if not _IDENTIFIER.match(part) or keyword.iskeyword(part) or part.startswith("__"):
+        if not _IDENTIFIER.fullmatch(part) or keyword.iskeyword(part) or part.startswith("__"):
             return (f"{value!r} is not a dotted name (identifiers or indices joined by '.', "
                     "no Python keywords, no '__' prefixes)")
         if part in _reserved_attributes():
@@ -129,8 +132,8 @@ def expression_problem(value: Any) -> str | None:
     if not isinstance(value, str) or len(value) > _MAX_EXPRESSION_LENGTH:
         return f"symbolic expression {value!r} is not plain shape arithmetic"
     text = _QUOTED_SYMBOL.sub("s0", value)
-    if (not _EXPRESSION.match(text) or "__" in text
-            or not all(_SYMBOL.match(w) or w in _SYMPY_NAMES for w in _WORD.findall(text))):
+    if (not _EXPRESSION.fullmatch(text) or "__" in text
+            or not all(_SYMBOL.fullmatch(w) or w in _SYMPY_NAMES for w in _WORD.findall(text))):
         return f"symbolic expression {value!r} is not plain shape arithmetic"
     return None
 
@@ -163,7 +166,9 @@ def _operator_problem(value: Any) -> str | None:
 
 def _enum_problem(allowed: frozenset[int]):
     def problem(value: Any) -> str | None:
-        return None if type(value) is int and value in allowed else f"expected one of {sorted(allowed)}, received {value!r:.60}"
+        if type(value) is int and value in allowed:
+            return None
+        return f"expected one of {sorted(allowed)}, received {value!r:.60}"
     return problem
 
 
@@ -176,6 +181,7 @@ class Leaf:
 
 @dataclass(frozen=True)
 class Struct:
+    """An object with these keys (each of a schema type); any other key is refused."""
     required: dict[str, Any]
     optional: dict[str, Any]
 
@@ -236,11 +242,15 @@ def module_path_problem(value: Any) -> str | None:
 
 
 def _version_problem(value: Any) -> str | None:
-    return None if isinstance(value, str) and _VERSION.match(value) else f"expected a version, received {value!r:.60}"
+    if isinstance(value, str) and _VERSION.fullmatch(value):
+        return None
+    return f"expected a version, received {value!r:.60}"
 
 
 def _device_type_problem(value: Any) -> str | None:
-    return None if isinstance(value, str) and re.match(r"^[a-z_]{1,16}$", value) else f"expected a device type, received {value!r:.60}"
+    if isinstance(value, str) and _DEVICE_TYPE.fullmatch(value):
+        return None
+    return f"expected a device type, received {value!r:.60}"
 
 
 _scalar_type_problem = _enum_problem(frozenset({0, *range(1, 14), *range(28, 36)}))
@@ -254,6 +264,10 @@ def _argument_name_problem(value: Any) -> str | None:
     return None if value == "" else name_problem(value)
 
 
+def _counted(item: Any) -> ListOf:
+    return ListOf(item, counted=True)
+
+
 TENSOR_ARGUMENT = Struct({"name": NAME}, {})
 SYM_INT_ARGUMENT = Union({"as_name": NAME, "as_int": INT})
 SYM_BOOL_ARGUMENT = Union({"as_name": NAME, "as_bool": BOOL})
@@ -261,31 +275,30 @@ SYM_FLOAT_ARGUMENT = Union({"as_name": NAME, "as_float": FLOAT})
 OPTIONAL_TENSOR = Union({"as_tensor": TENSOR_ARGUMENT, "as_none": BOOL})
 DEVICE = Struct({"type": DEVICE_TYPE}, {"index": Nullable(INT)})
 ARGUMENT = Union({
-    "as_none": BOOL, "as_tensor": TENSOR_ARGUMENT, "as_tensors": ListOf(TENSOR_ARGUMENT, counted=True),
-    "as_int": INT, "as_ints": ListOf(INT, counted=True), "as_float": FLOAT, "as_floats": ListOf(FLOAT, counted=True),
-    "as_string": TEXT, "as_strings": ListOf(TEXT, counted=True), "as_sym_int": SYM_INT_ARGUMENT,
-    "as_sym_ints": ListOf(SYM_INT_ARGUMENT, counted=True), "as_scalar_type": SCALAR_TYPE,
-    "as_memory_format": MEMORY_FORMAT, "as_layout": LAYOUT, "as_device": DEVICE, "as_bool": BOOL,
-    "as_bools": ListOf(BOOL, counted=True), "as_sym_bool": SYM_BOOL_ARGUMENT, "as_sym_bools": ListOf(SYM_BOOL_ARGUMENT, counted=True),
-    "as_optional_tensors": ListOf(OPTIONAL_TENSOR, counted=True), "as_sym_float": SYM_FLOAT_ARGUMENT,
-    "as_sym_floats": ListOf(SYM_FLOAT_ARGUMENT, counted=True), "as_optional_tensor": OPTIONAL_TENSOR,
-    "as_complex": Struct({"real": FLOAT, "imag": FLOAT}, {}),
-    "as_nested_tensors": ListOf(ListOf(TENSOR_ARGUMENT, counted=True), counted=True), "as_int_lists": ListOf(ListOf(INT, counted=True), counted=True),
-    "as_float_lists": ListOf(ListOf(FLOAT, counted=True), counted=True),
+    "as_none": BOOL, "as_tensor": TENSOR_ARGUMENT, "as_tensors": _counted(TENSOR_ARGUMENT),
+    "as_int": INT, "as_ints": _counted(INT), "as_float": FLOAT, "as_floats": _counted(FLOAT),
+    "as_string": TEXT, "as_strings": _counted(TEXT), "as_bool": BOOL, "as_bools": _counted(BOOL),
+    "as_sym_int": SYM_INT_ARGUMENT, "as_sym_ints": _counted(SYM_INT_ARGUMENT),
+    "as_sym_bool": SYM_BOOL_ARGUMENT, "as_sym_bools": _counted(SYM_BOOL_ARGUMENT),
+    "as_sym_float": SYM_FLOAT_ARGUMENT, "as_sym_floats": _counted(SYM_FLOAT_ARGUMENT),
+    "as_optional_tensor": OPTIONAL_TENSOR, "as_optional_tensors": _counted(OPTIONAL_TENSOR),
+    "as_scalar_type": SCALAR_TYPE, "as_memory_format": MEMORY_FORMAT, "as_layout": LAYOUT,
+    "as_device": DEVICE, "as_complex": Struct({"real": FLOAT, "imag": FLOAT}, {}),
+    "as_nested_tensors": _counted(_counted(TENSOR_ARGUMENT)),
+    "as_int_lists": _counted(_counted(INT)), "as_float_lists": _counted(_counted(FLOAT)),
 })
 NAMED_ARGUMENT = Struct({"name": ARGUMENT_NAME, "arg": ARGUMENT}, {"kind": Nullable(ARGUMENT_KIND)})
-NODE = Struct({"target": OPERATOR, "inputs": ListOf(NAMED_ARGUMENT, counted=True),
-               "outputs": ListOf(ARGUMENT, counted=True)},
-              {"metadata": MapOf(TEXT, TEXT, _MAX_SMALL_MAP), "is_hop_single_tensor_return": Nullable(BOOL),
-               "name": Nullable(NAME)})
+NODE = Struct({"target": OPERATOR, "inputs": _counted(NAMED_ARGUMENT), "outputs": _counted(ARGUMENT)},
+              {"metadata": MapOf(TEXT, TEXT, _MAX_SMALL_MAP), "name": Nullable(NAME),
+               "is_hop_single_tensor_return": Nullable(BOOL)})
 SYM_EXPR = Struct({"expr_str": EXPRESSION},
                   {"hint": Nullable(Union({"as_int": INT, "as_bool": BOOL, "as_float": FLOAT}))})
 SYM_INT = Union({"as_expr": SYM_EXPR, "as_int": INT})
 SYM_BOOL = Union({"as_expr": SYM_EXPR, "as_bool": BOOL})
 SYM_FLOAT = Union({"as_expr": SYM_EXPR, "as_float": FLOAT})
-TENSOR_META = Struct({"dtype": SCALAR_TYPE, "sizes": ListOf(SYM_INT, MAX_TENSOR_RANK), "requires_grad": BOOL,
-                      "device": DEVICE, "strides": ListOf(SYM_INT, MAX_TENSOR_RANK), "storage_offset": SYM_INT,
-                      "layout": LAYOUT}, {})
+TENSOR_META = Struct({"dtype": SCALAR_TYPE, "sizes": ListOf(SYM_INT, MAX_TENSOR_RANK),
+                      "strides": ListOf(SYM_INT, MAX_TENSOR_RANK), "storage_offset": SYM_INT,
+                      "requires_grad": BOOL, "device": DEVICE, "layout": LAYOUT}, {})
 GRAPH = Struct({"inputs": ListOf(ARGUMENT), "outputs": ListOf(ARGUMENT),
                 "nodes": ListOf(NODE, MAX_PROGRAM_NODES), "tensor_values": MapOf(NAME, TENSOR_META),
                 "sym_int_values": MapOf(NAME, SYM_INT), "sym_bool_values": MapOf(NAME, SYM_BOOL)},
@@ -308,13 +321,15 @@ MODULE_CALL_SIGNATURE = Struct({"inputs": ListOf(ARGUMENT), "outputs": ListOf(AR
 GRAPH_MODULE = Struct({
     "graph": GRAPH,
     "signature": Struct({"input_specs": ListOf(INPUT_SPEC), "output_specs": ListOf(OUTPUT_SPEC)}, {}),
-    "module_call_graph": ListOf(Struct({"fqn": MODULE_PATH}, {"signature": Nullable(MODULE_CALL_SIGNATURE)})),
+    "module_call_graph": ListOf(Struct({"fqn": MODULE_PATH},
+                                       {"signature": Nullable(MODULE_CALL_SIGNATURE)})),
 }, {"metadata": MapOf(TEXT, TEXT, _MAX_SMALL_MAP),
     "treespec_namedtuple_fields": Empty("it defines named-tuple types")})
 PROGRAM = Struct({
     "graph_module": GRAPH_MODULE,
     "opset_version": MapOf(NAME, INT, _MAX_SMALL_MAP),
-    "range_constraints": MapOf(EXPRESSION, Struct({"min_val": Nullable(INT), "max_val": Nullable(INT)}, {})),
+    "range_constraints": MapOf(EXPRESSION,
+                               Struct({"min_val": Nullable(INT), "max_val": Nullable(INT)}, {})),
     "schema_version": Struct({"major": INT, "minor": INT}, {}),
 }, {"verifiers": ListOf(NAME, _MAX_SMALL_MAP), "torch_version": VERSION,
     "guards_code": Empty("it carries guard code, which torch would compile and run")})
@@ -331,7 +346,7 @@ def render_path(path: tuple | None) -> str:
 
 
 def _key_text(key: str) -> str:
-    return key if _IDENTIFIER.match(key) and len(key) <= MAX_NAME_LENGTH else repr(key[:80])
+    return key if _IDENTIFIER.fullmatch(key) and len(key) <= MAX_NAME_LENGTH else repr(key[:80])
 
 
 class _Enough(Exception):
