@@ -48,15 +48,11 @@ def _float(value: Any) -> float:
 class _GraphBuilder:
     """One pass over a program: state attached to the module, values linked by name."""
 
-    def __init__(self, where: str):
-        self.where = where
+    def __init__(self):
         self.module = fx.GraphModule(nn.Module(), fx.Graph(), class_name="Program")
         self.graph = fx.Graph()
         self.values: dict[str, Any] = {}
         self.state_nodes: dict[str, fx.Node] = {}
-
-    def call(self, target: Any, args: tuple, kwargs: dict[str, Any] | None = None) -> fx.Node:
-        return self.graph.call_function(target, args, kwargs)
 
     def define(self, name: str, value: Any, field: str) -> None:
         if name in self.values:
@@ -208,7 +204,7 @@ class _GraphBuilder:
             args, kwargs = _place_arguments(target, given, field)
         else:
             args, kwargs = tuple(given.values()), {}
-        call = self.call(target, args, kwargs)
+        call = self.graph.call_function(target, args, kwargs)
         self.outputs(call, node["outputs"], field)
 
     def outputs(self, call: fx.Node, outputs: list[dict[str, Any]], field: str) -> None:
@@ -227,15 +223,15 @@ class _GraphBuilder:
             if kind == "as_tensor" or (kind.startswith("as_sym_") and not kind.endswith("s")):
                 name = body["name"] if kind == "as_tensor" else body.get("as_name")
                 if name is not None:
-                    self.define(name, self.call(operator.getitem, (call, j)),
+                    self.define(name, self.graph.call_function(operator.getitem, (call, j)),
                                 f"{field}.outputs[{j}]")
             elif kind == "as_tensors":
-                inner = self.call(operator.getitem, (call, j))
+                inner = self.graph.call_function(operator.getitem, (call, j))
                 self.items(inner, body, f"{field}.outputs[{j}].as_tensors")
 
     def items(self, call: fx.Node, tensors: list[dict[str, Any]], field: str) -> None:
         for k, tensor in enumerate(tensors):
-            self.define(tensor["name"], self.call(operator.getitem, (call, k)), f"{field}[{k}]")
+            self.define(tensor["name"], self.graph.call_function(operator.getitem, (call, k)), f"{field}[{k}]")
 
     def results(self, graph: dict[str, Any], specs: list[dict[str, Any]]) -> None:
         """The output node: user outputs as a tuple; buffer updates copied into the buffers."""
@@ -253,7 +249,7 @@ class _GraphBuilder:
             if kind == "user_output":
                 results.append(value)
             elif body["buffer_name"] in self.state_nodes:
-                self.call(torch.ops.aten.copy_.default, (self.state_nodes[body["buffer_name"]], value))
+                self.graph.call_function(torch.ops.aten.copy_.default, (self.state_nodes[body["buffer_name"]], value))
             else:
                 raise _Broken(f"{field}: updates {body['buffer_name']!r}, which is not a buffer input")
         self.graph.output(tuple(results))
@@ -307,7 +303,7 @@ def build_graph_module(program: dict[str, Any], state: dict[str, torch.Tensor],
     """
     module_json = program["graph_module"]
     graph, signature = module_json["graph"], module_json["signature"]
-    builder = _GraphBuilder(where)
+    builder = _GraphBuilder()
     try:
         size = _graph_size(graph)
         if size > MAX_PROGRAM_NODES:

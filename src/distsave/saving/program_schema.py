@@ -145,7 +145,7 @@ def _int_problem(value: Any) -> str | None:
 
 
 def _float_problem(value: Any) -> str | None:
-    if type(value) in (int, float) or value in _FLOAT_WORDS:
+    if type(value) in (int, float) or (isinstance(value, str) and value in _FLOAT_WORDS):
         return None
     return f"expected a number, received {value!r:.60}"
 
