@@ -6,6 +6,7 @@ seconds spent parsing, checking and building it (and calling it once on a small 
 
     python benchmarks/program_load.py                 # every case at the caps
     python benchmarks/program_load.py chain --nodes 10000
+    python benchmarks/program_load.py chain --nodes 2000 --against-torch   # vs torch's deserializer
 """
 
 from __future__ import annotations
@@ -111,14 +112,36 @@ def measure(case: str, nodes: int) -> dict[str, Any]:
     return result
 
 
+def torch_deserializer_seconds(case: str, nodes: int) -> float:
+    """Seconds torch's own deserializer takes for the same program (what distsave used before)."""
+    from torch._export.serde import serialize as serde
+
+    program = CASES[case](nodes)
+    in_spec = json.dumps([1, {"type": "builtins.tuple", "context": "null", "children_spec": [
+        {"type": "builtins.tuple", "context": "null", "children_spec": [
+            {"type": None, "context": None, "children_spec": []}]},
+        {"type": "builtins.dict", "context": "[]", "children_spec": []}]}])
+    out_spec = json.dumps([1, {"type": None, "context": None, "children_spec": []}])
+    program["graph_module"]["module_call_graph"][0]["signature"] = {
+        "inputs": [], "outputs": [], "in_spec": in_spec, "out_spec": out_spec, "forward_arg_names": ["x"]}
+    start = time.perf_counter()
+    serde.deserialize(serde.SerializedArtifact(json.dumps(program).encode(), {}, {}, b"")).module()
+    return round(time.perf_counter() - start, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--nodes", type=int, default=MAX_PROGRAM_NODES - 4,
                         help="calls in the program (default: the most that fit under the cap)")
+    parser.add_argument("--against-torch", action="store_true",
+                        help="also time torch's own deserializer on the same program")
     args = parser.parse_args()
     for case in args.cases:
-        print(json.dumps(measure(case, args.nodes)), flush=True)
+        result = measure(case, args.nodes)
+        if args.against_torch:
+            result["torch_deserializer_s"] = torch_deserializer_seconds(case, args.nodes)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

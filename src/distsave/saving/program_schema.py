@@ -362,6 +362,19 @@ class _Problems(list):
             raise _Enough
 
 
+def _all_ints(values: list) -> bool:
+    return all(type(v) is int and _INT64[0] <= v < _INT64[1] for v in values)
+
+
+def _all_bools(values: list) -> bool:
+    return all(type(v) is bool for v in values)
+
+
+# Long lists of plain scalars are checked in one pass (their items are then checked one by one
+# only to report which is wrong).
+_FAST_LIST_CHECKS = {INT: _all_ints, BOOL: _all_bools}
+
+
 def _compile(kind: Any):
     """A checker ``(value, path, problems)`` for a schema type. The schema is not recursive
     (subgraphs are refused), so checkers nest only as deep as the schema, whatever the input."""
@@ -387,6 +400,7 @@ def _compile(kind: Any):
         return empty
     if isinstance(kind, ListOf):
         item, limit, counted = _compile(kind.item), kind.max_items, kind.counted
+        all_fine = _FAST_LIST_CHECKS.get(kind.item) if isinstance(kind.item, Leaf) else None
 
         def list_of(value, path, problems):
             if type(value) is not list:
@@ -400,6 +414,8 @@ def _compile(kind: Any):
                         problems.add(path, f"the program's calls have more than {MAX_ARGUMENT_ITEMS} "
                                            "arguments and outputs in all; refused")
                         raise _Enough
+                if all_fine is not None and all_fine(value):
+                    return
                 for i, element in enumerate(value):
                     item(element, (path, i), problems)
         return list_of
