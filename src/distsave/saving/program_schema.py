@@ -62,6 +62,7 @@ _SYMBOL = re.compile(r"[a-z][0-9]+")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INDEX = re.compile(r"[0-9]{1,9}")
 _VERSION = re.compile(r"[A-Za-z0-9.+_-]{1,64}")
+_REPEATED_CALL = re.compile(r".+@[0-9]{1,9}")
 _DEVICE_TYPE = re.compile(r"[a-z_]{1,16}")
 _FLOAT_WORDS = frozenset({"Infinity", "-Infinity", "NaN"})
 _INT64 = (-2**63, 2**63)
@@ -238,6 +239,10 @@ ARGUMENT_NAME = Leaf("_argument_name_problem")
 
 
 def module_path_problem(value: Any) -> str | None:
+    """A module's path in the call graph: a state-style path, the root (``""``), or a repeated
+    call of one module (``block@1``)."""
+    if isinstance(value, str) and _REPEATED_CALL.fullmatch(value):
+        value = value.rsplit("@", 1)[0]
     return path_problem(value, root_allowed=True)
 
 
