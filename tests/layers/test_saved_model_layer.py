@@ -86,10 +86,15 @@ def test_rebuilt_on_the_meta_device_then_filled_in_place_matches_the_original(ex
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("config", {"signature": "embed", "output_key": None, "trainable": "yes"}, r"'config\.trainable'"),
+    ("config", {"signature": "embed", "output_key": None, "trainable": "yes"},
+     r"'config\.trainable': expected bool, received 'yes'"),
+    ("config", {"signature": "embed", "output_key": "probs", "trainable": True}, r"has no output 'probs'"),
     ("config", {"signature": "embed", "trainable": True, "import": "os"}, r"field 'config'"),
     ("state", {"root.0.weight": {"shape": [32, 1, 3, -3], "dtype": "float32"}}, r"'state\.root\.0\.weight'"),
     ("state", {"root.0.weight": {"shape": [32, 1, 3, 3], "dtype": "load"}}, r"'state\.root\.0\.weight'"),
+    ("state", {"root.0.weight": {"shape": [32, 1, 3, 3], "dtype": ["float32"]}}, r"'state\.root\.0\.weight'"),
+    ("state", {"root.0.weight": {"shape": [2**40, 2**40, 2**40], "dtype": "float32"}},
+     r"'state\.root\.0\.weight': cannot hold a tensor"),
     ("inputs", [{"shape": [None, "1"], "dtype": "float32", "name": "x"}], r"field 'inputs\[0\]'"),
     ("outputs", "embedding", r"field 'outputs'"),
     ("program", [], r"field 'program'"),

@@ -148,7 +148,8 @@ class _Entry:
             raise self.fail(name, f"an object with exactly the keys {sorted(fields)}", value)
         for key, kind in fields.items():
             if not isinstance(value[key], kind):
-                raise self.fail(f"{name}.{key}", str(kind), value[key])
+                expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise self.fail(f"{name}.{key}", expected, value[key])
         return value
 
     def strings(self, name: str) -> list[str]:
@@ -166,7 +167,7 @@ class _Entry:
             if (not isinstance(item, dict) or set(item) - {"shape", "dtype", "name"}
                     or not isinstance(item.get("shape"), list)
                     or not all(d is None or _is_size(d) for d in item["shape"])
-                    or item.get("dtype") not in _DTYPES or not isinstance(item.get("name", "x"), str)):
+                    or not _is_dtype(item.get("dtype")) or not isinstance(item.get("name", "x"), str)):
                 raise self.fail(f"{name}[{i}]", "{'shape': [int or null, ...], 'dtype': 'float32', "
                                 "'name': str}", item)
             specs.append(TensorSpec.from_json(item))
@@ -180,7 +181,7 @@ class _Entry:
         for path, item in value.items():
             if (not isinstance(item, dict) or set(item) != {"shape", "dtype"}
                     or not isinstance(item["shape"], list) or not all(map(_is_size, item["shape"]))
-                    or item["dtype"] not in _DTYPES):
+                    or not _is_dtype(item["dtype"])):
                 raise self.fail(f"{name}.{path}", "{'shape': [int, ...], 'dtype': 'float32'}", item)
             state[path] = (item["shape"], _DTYPES[item["dtype"]])
         return state
@@ -188,6 +189,10 @@ class _Entry:
 
 def _is_size(value: Any) -> bool:
     return type(value) is int and 0 <= value < 2**62
+
+
+def _is_dtype(value: Any) -> bool:
+    return isinstance(value, str) and value in _DTYPES
 
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
