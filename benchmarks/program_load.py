@@ -131,13 +131,16 @@ def torch_deserializer_seconds(case: str, nodes: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("cases", nargs="*", metavar="case", help=f"any of {', '.join(CASES)} (default: all)")
     parser.add_argument("--nodes", type=int, default=MAX_PROGRAM_NODES - 4,
                         help="calls in the program (default: the most that fit under the cap)")
     parser.add_argument("--against-torch", action="store_true",
                         help="also time torch's own deserializer on the same program")
     args = parser.parse_args()
-    for case in args.cases:
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {', '.join(CASES)}")
+    for case in args.cases or CASES:
         result = measure(case, args.nodes)
         if args.against_torch:
             result["torch_deserializer_s"] = torch_deserializer_seconds(case, args.nodes)
