@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -61,3 +63,53 @@ def test_output_key_and_unknown_names(exported):
         SavedModelLayer(loaded, signature="encode")
     with pytest.raises(ValueError, match="has no output 'probs'"):
         SavedModelLayer(loaded, output_key="probs")
+
+
+def rebuilt_from_entry(entry):
+    return SavedModelLayer.from_spec(json.loads(json.dumps(entry)))
+
+
+def test_rebuilt_on_the_meta_device_then_filled_in_place_matches_the_original(exported):
+    original = SavedModelLayer(distsave.saved_model.load(exported), signature="embed")
+    entry = original.distsave_spec()
+    with torch.device("meta"):
+        layer = rebuilt_from_entry(entry)
+    assert all(t.device.type == "meta" for t in layer.state_dict().values())
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, tensor in layer.state_dict().items():
+            tensor.copy_(original.state_dict()[name])
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(layer(x), original(x))
+    assert layer.distsave_spec()["state"] == entry["state"]
+    assert entry["state"]["root.0.weight"] == {"shape": [32, 1, 3, 3], "dtype": "float32"}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("config", {"signature": "embed", "output_key": None, "trainable": "yes"},
+     r"'config\.trainable': expected bool, received 'yes'"),
+    ("config", {"signature": "embed", "output_key": "probs", "trainable": True}, r"has no output 'probs'"),
+    ("config", {"signature": "embed", "trainable": True, "import": "os"}, r"field 'config'"),
+    ("state", {"root.0.weight": {"shape": [32, 1, 3, -3], "dtype": "float32"}}, r"'state\.root\.0\.weight'"),
+    ("state", {"root.0.weight": {"shape": [32, 1, 3, 3], "dtype": "load"}}, r"'state\.root\.0\.weight'"),
+    ("state", {"root.0.weight": {"shape": [32, 1, 3, 3], "dtype": ["float32"]}}, r"'state\.root\.0\.weight'"),
+    ("state", {"root.0.weight": {"shape": [2**40, 2**40, 2**40], "dtype": "float32"}},
+     r"'state\.root\.0\.weight': cannot hold a tensor"),
+    ("inputs", [{"shape": [None, "1"], "dtype": "float32", "name": "x"}], r"field 'inputs\[0\]'"),
+    ("outputs", "embedding", r"field 'outputs'"),
+    ("program", [], r"field 'program'"),
+])
+def test_a_malformed_entry_is_refused_naming_the_field(exported, field, value, message):
+    entry = SavedModelLayer(distsave.saved_model.load(exported), signature="embed").distsave_spec()
+    entry[field] = value
+    with torch.device("meta"), pytest.raises(distsave.ArtifactError, match=message):
+        rebuilt_from_entry(entry)
+
+
+def test_state_that_does_not_match_the_program_is_refused(exported):
+    entry = SavedModelLayer(distsave.saved_model.load(exported), signature="embed").distsave_spec()
+    entry["state"]["root.0.weight"]["shape"] = [64, 1, 3, 3]
+    with torch.device("meta"), pytest.raises(distsave.ArtifactError,
+                                             match=r"'root\.0\.weight' is torch\.float32 \[64, 1, 3, 3\] in the "
+                                                   r"artifact, but the program was traced with"):
+        rebuilt_from_entry(entry)

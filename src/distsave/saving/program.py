@@ -1,18 +1,18 @@
 """Code-free programs: a ``torch.export`` graph as JSON, weights kept apart in safetensors.
 
 Writing exports on the CPU, decomposes to core ATen and strips source metadata. Reading
-checks the JSON before torch sees it: every operator must be on the allowlist (core ATen plus
-the few shape builtins export emits), symbolic expressions may only be arithmetic on shape
-symbols, and nothing that torch would compile or unpickle (guard code, custom objects) is
-accepted. ``torch.export.load`` and pickle are never used.
+never hands the JSON to torch: the program is checked against a strict schema first
+(`program_schema`: every name an identifier, every state path a dotted name, every operator on
+the allowlist, every symbolic expression plain shape arithmetic, sizes capped, unknown keys
+refused), then built into a ``torch.fx.GraphModule`` by our own builder (`program_graph`), where
+names from the file link values and never become code. ``torch.export.load``, torch's
+deserializer and pickle are never used on artifact contents.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
-import re
 import warnings
 from typing import Any
 
@@ -21,99 +21,49 @@ from torch import nn
 from torch._export.serde import serialize as serde
 
 from .errors import ArtifactError, SaveError
+from .program_graph import build_graph_module
+from .program_schema import (MAX_ARGUMENT_ITEMS, MAX_NAME_LENGTH, MAX_PROGRAM_NODES, check_schema,
+                             operator_allowed)
 
-__all__ = ["export_program", "check_program", "build_program"]
+__all__ = ["MAX_ARGUMENT_ITEMS", "MAX_NAME_LENGTH", "MAX_PROGRAM_BYTES", "MAX_PROGRAM_NODES", "build_program",
+           "check_program", "export_program", "operator_allowed", "validate_program"]
 
-_BUILTIN_TARGETS = frozenset({
-    "_operator.getitem", "_operator.add", "_operator.sub", "_operator.mul", "_operator.floordiv",
-    "_operator.truediv", "_operator.mod", "_operator.neg", "_operator.pow", "_operator.eq",
-    "_operator.ne", "_operator.lt", "_operator.le", "_operator.gt", "_operator.ge",
-    "math.ceil", "math.floor", "math.trunc", "torch.sym_max", "torch.sym_min", "torch.sym_int",
-    "torch.sym_float", "torch.sym_not",
-})
-_SHAPE_OPS = frozenset({
-    "sym_size.int", "sym_stride.int", "sym_numel.default", "sym_storage_offset.default",
-    "_assert_scalar.default", "_assert_tensor_metadata.default", "sym_constrain_range.default",
-    "sym_constrain_range_for_size.default", "view.default", "alias.default",
-})
-_SYMPY_NAMES = frozenset({
-    "FloorDiv", "Mod", "PythonMod", "CleanDiv", "CeilDiv", "Max", "Min", "ModularIndexing", "Where",
-    "CeilToInt", "FloorToInt", "PowByNatural", "TruncToInt", "IntTrueDiv", "oo", "True", "False",
-    "Symbol", "Integer", "Rational", "Add", "Mul", "Pow", "positive", "negative", "nonnegative",
-    "integer", "real", "finite", "infinite", "zero", "nonzero", "even", "odd",
-})
-_QUOTED_SYMBOL = re.compile(r"'[a-z]\d+'")
-_EXPRESSION = re.compile(r"^[A-Za-z0-9_+\-*/%(),. <>=!]*$")
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SYMBOL = re.compile(r"^[a-z]\d+$")
+# Export writes ~0.5-1.5 kB a node (with each value's metadata), so a program at the node cap
+# fits; the cap also bounds the JSON parse and schema walk (benchmarks/program_load.py).
+MAX_PROGRAM_BYTES = 32 * 2**20
 # Where torch's serializer can skip pickling the tensors we store apart (torch >= 2.12), skip it;
 # older versions pickle them into bytes that are dropped unread.
 _SKIP_TENSOR_PAYLOADS = {name: False for name in ("serialize_state_dict", "serialize_constants",
                                                    "serialize_example_inputs")
                          if name in inspect.signature(serde.serialize).parameters}
-_ATEN = re.compile(r"^torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)$")
-
-
-@functools.cache
-def operator_allowed(target: str) -> bool:
-    """Whether a graph may call ``target``: core ATen, shape ops, or a shape builtin."""
-    if target in _BUILTIN_TARGETS:
-        return True
-    match = _ATEN.match(target)
-    if match is None:
-        return False
-    name, overload = match.groups()
-    if f"{name}.{overload}" in _SHAPE_OPS:
-        return True
-    packet = getattr(torch.ops.aten, name, None)
-    op = getattr(packet, overload, None) if packet is not None else None
-    return op is not None and torch.Tag.core in getattr(op, "tags", ())
 
 
 def _dicts(value: Any):
-    """Every JSON object inside ``value``, depth first."""
-    if isinstance(value, dict):
-        yield value
-        for item in value.values():
-            yield from _dicts(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _dicts(item)
-
-
-def _expression_ok(text: Any) -> bool:
-    """Plain arithmetic on shape symbols (sympy's repr form allowed), nothing callable else."""
-    if not isinstance(text, str):
-        return False
-    text = _QUOTED_SYMBOL.sub("s0", text)
-    if not _EXPRESSION.match(text) or "__" in text:
-        return False
-    return all(_SYMBOL.match(w) or w in _SYMPY_NAMES for w in _IDENTIFIER.findall(text))
+    """Every JSON object inside ``value`` (iterative: nesting depth costs no stack)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def check_program(program: dict[str, Any], where: str) -> list[str]:
-    """Every reason the JSON program must not be run; empty when it is safe to build."""
-    problems = []
-    if program.get("guards_code"):
-        problems.append("it carries guard code, which torch would compile and run")
-    graph = program.get("graph_module", {}).get("graph", {})
-    if graph.get("custom_obj_values"):
-        problems.append("it holds custom (script) objects")
-    for key in program.get("range_constraints", {}):
-        if not _expression_ok(key):
-            problems.append(f"symbolic expression {key!r} is not plain shape arithmetic")
-    for obj in _dicts(program):
-        target = obj.get("target")
-        if "target" in obj and "inputs" in obj and "outputs" in obj and not (isinstance(target, str) and operator_allowed(target)):
-            problems.append(f"operator {target!r} is not on the allowlist (core ATen and shape builtins)")
-        if "as_operator" in obj and not (isinstance(obj["as_operator"], str)
-                                         and operator_allowed(obj["as_operator"])):
-            problems.append(f"operator argument {obj['as_operator']!r} is not on the allowlist")
-        if "expr_str" in obj and not _expression_ok(obj["expr_str"]):
-            problems.append(f"symbolic expression {obj['expr_str']!r} is not plain shape arithmetic")
-        if obj.get("as_custom_obj") or obj.get("custom_obj"):
-            problems.append("it refers to a custom (script) object")
-    return [f"{where}: {p}" for p in dict.fromkeys(problems)]
+    """Every reason the JSON program must not be built (at most 20), each naming its field;
+    empty when it is safe to build."""
+    if not isinstance(program, dict):
+        return [f"{where}: expected a JSON object, received {type(program).__name__}"]
+    return [f"{where}: {problem}" for problem in check_schema(program)]
+
+
+def validate_program(program: dict[str, Any], where: str) -> None:
+    """Raise `ArtifactError` listing every problem `check_program` finds."""
+    problems = check_program(program, where)
+    if problems:
+        raise ArtifactError("Refusing to load a program: " + "; ".join(problems) + ". The file was "
+                            "not written by distsave or was altered; re-export the signature.")
 
 
 _DEVICE_ASSERT = "torch.ops.aten._assert_tensor_metadata.default"
@@ -170,25 +120,22 @@ def export_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
 
 def build_program(program: dict[str, Any], state: dict[str, torch.Tensor],
                   constants: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """Turn a checked JSON program and its tensors into a callable module.
+    """Turn a JSON program and its tensors into a callable module (outputs as a tuple).
+
+    Works under ``torch.device("meta")`` (state as meta tensors): the module then survives
+    ``to_empty`` and having its parameters and buffers filled in place.
 
     Raises:
-        ArtifactError: the program fails `check_program`, or torch cannot rebuild it.
+        ArtifactError: the program fails `check_program`, or does not describe a working graph.
     """
-    problems = check_program(program, where)
-    if problems:
-        raise ArtifactError("Refusing to load a program: " + "; ".join(problems))
-    program = _strip(program)
-    parameters = {spec["parameter"]["parameter_name"]
-                  for spec in program.get("graph_module", {}).get("signature", {}).get("input_specs", [])
-                  if isinstance(spec, dict) and "parameter" in spec}
+    validate_program(program, where)
     # Fresh (aligned) copies: BLAS may sum in another order on unaligned memory at batch 1.
     # Parameters start frozen (serving needs no gradients); SavedModelLayer may unfreeze them.
-    state = {k: nn.Parameter(v.clone(), requires_grad=False) if k in parameters
-             else v.clone() for k, v in state.items()}
+    state = {k: v.clone() for k, v in state.items()}
     try:
-        artifact = serde.SerializedArtifact(json.dumps(program).encode(), state,
-                                            dict(constants), b"")
-        return serde.deserialize(artifact).module()
-    except Exception as error:  # any failure to rebuild is a broken artifact
-        raise ArtifactError(f"Could not rebuild the program {where}: {error}") from error
+        return build_graph_module(program, state, dict(constants), where)
+    except ArtifactError:
+        raise
+    except Exception as error:  # any other failure to rebuild is a broken artifact
+        raise ArtifactError(f"Could not rebuild the program {where}: {type(error).__name__}: "
+                            f"{error}") from None
