@@ -181,25 +181,26 @@ def run_step(way: str, op: str, args: argparse.Namespace, folder: Path, cache: s
 
 
 def run_all(args: argparse.Namespace, folder: Path, cache: str, log) -> list[dict[str, Any]]:
+    """Every selected way, repeat after repeat (so a busy moment of the machine hits all ways)."""
     records = []
     selected = [w for w in WAYS if w in args.only]
-    for way in selected:
-        source = READS_FROM.get(way)
-        if source and not (folder / source / "state.safetensors").exists():
-            prepared = run_step(source, "save", args, folder, cache)  # untimed: the file to read
-            if prepared["status"] != "ok":
-                print(f"# {way}: could not write the {source} file it reads: {prepared.get('reason')}")
-        for repeat in range(args.repeats):
+    for repeat in range(args.repeats):
+        for position, way in enumerate(selected):
+            source = READS_FROM.get(way)
+            if source and not (folder / source / "state.safetensors").exists():
+                prepared = run_step(source, "save", args, folder, cache)  # untimed: the file to read
+                if prepared["status"] != "ok":
+                    print(f"# {way}: could not write the {source} file it reads: {prepared.get('reason')}")
             for op in OPS[way]:
                 record = {"record": "step", "way": way, "op": op, "repeat": repeat,
                           **run_step(way, op, args, folder, cache)}
                 records.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                print(f"# {way:15} {op:4} {describe(record)}", flush=True)
-        later = selected[selected.index(way) + 1:]
-        for name in {way, source} - {None, *(READS_FROM.get(w) for w in later)}:
-            shutil.rmtree(folder / name, ignore_errors=True)  # keep at most two checkpoints on disk
+                print(f"# {repeat} {way:15} {op:4} {describe(record)}", flush=True)
+            later = selected[position + 1:]
+            for name in {way, source} - {None, *(READS_FROM.get(w) for w in later)}:
+                shutil.rmtree(folder / name, ignore_errors=True)  # at most two checkpoints on disk
     return records
 
 
