@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -175,14 +176,14 @@ def run_step(way: str, op: str, args: argparse.Namespace, folder: Path, cache: s
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {STEP_TIMEOUT_S} s"}
     if done.returncode != 0 or not result_path.exists():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-8:]
-        return {"status": "failed", "reason": f"exit {done.returncode}: " + " | ".join(tail)}
+        last = ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1]
+        return {"status": "failed", "reason": f"exit {done.returncode}: {last[:300]}", "stderr": done.stderr[-4000:]}
     return json.loads(result_path.read_text())
 
 
-def run_all(args: argparse.Namespace, folder: Path, cache: str, log) -> list[dict[str, Any]]:
-    """Every selected way, repeat after repeat (so a busy moment of the machine hits all ways)."""
-    records = []
+def run_all(args: argparse.Namespace, folder: Path, cache: str, log, records: list[dict[str, Any]]) -> None:
+    """Every selected way, repeat after repeat (so a busy moment of the machine hits all ways);
+    appends each step's record to ``records`` and ``log`` as it ends."""
     selected = [w for w in WAYS if w in args.only]
     for repeat in range(args.repeats):
         for position, way in enumerate(selected):
@@ -201,7 +202,6 @@ def run_all(args: argparse.Namespace, folder: Path, cache: str, log) -> list[dic
             later = selected[position + 1:]
             for name in {way, source} - {None, *(READS_FROM.get(w) for w in later)}:
                 shutil.rmtree(folder / name, ignore_errors=True)  # at most two checkpoints on disk
-    return records
 
 
 # -- reporting ----------------------------------------------------------------------------------
@@ -234,6 +234,12 @@ def summarize(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
     return summary
 
 
+def same_bytes(records: list[dict[str, Any]]) -> str:
+    """Whether every save wrote the same tensors (their fingerprints agree)."""
+    totals = {r["fingerprint_total"] for r in records if r["op"] == "save" and r["status"] == "ok"}
+    return "every save wrote the same tensors" if len(totals) <= 1 else "**SAVES WROTE DIFFERENT TENSORS**"
+
+
 def best_peer(summary: dict, op: str) -> float | None:
     speeds = [s["gb_per_s"] for (way, o), s in summary.items() if o == op and way in PEERS and s["status"] == "ok"]
     return max(speeds, default=None)
@@ -259,7 +265,7 @@ def table(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"({header['device_name']}), torch {header['torch']}, Python {header['python']}, "
         f"{header['date']}, commit {short_commit}; disk {header['disk']['source']} "
         f"({header['disk']['fstype']}); caches dropped by {header['cache_drop']}; "
-        f"median of {header['repeats']}",
+        f"median of {header['repeats']}; {same_bytes(records)}",
         "",
         "| way | save s | save GB/s | × write ceiling | × best peer | load s | load GB/s | × read ceiling "
         "| × best peer | load peak RSS rise GiB | notes |",
@@ -288,15 +294,18 @@ def main() -> None:
     stem = args.results / f"checkpoint_io-{header['date'][:19].replace(':', '')}-{args.device}"
     print(f"# writing in {folder} ({header['disk']['fstype']} on {header['disk']['source']}); "
           f"page cache dropped by {cache}; log {stem}.jsonl", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("# stopped (SIGTERM): the table holds the steps done"))
+    records: list[dict[str, Any]] = []
     try:
         with open(f"{stem}.jsonl", "w") as log:
             log.write(json.dumps(header) + "\n")
-            records = run_all(args, folder, cache, log)
+            run_all(args, folder, cache, log, records)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    report = table(header, records)
-    Path(f"{stem}.md").write_text(report + "\n")
-    print(report)
+        if records:
+            report = table(header, records)
+            Path(f"{stem}.md").write_text(report + "\n")
+            print(report, flush=True)
 
 
 if __name__ == "__main__":

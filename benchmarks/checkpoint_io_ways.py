@@ -76,6 +76,8 @@ def fingerprint(tensors: Tensors) -> dict[str, int]:
     value changes it."""
     def one(t: torch.Tensor) -> int:
         raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        if raw.storage_offset() % 8:
+            raw = raw.clone()  # a view into a packed buffer: align it so it can be read as words
         words = raw.view(torch.int64) if raw.numel() % 8 == 0 else raw.to(torch.int64)
         return int(words.sum())
     return {name: one(t) for name, t in sorted(tensors.items())}
@@ -278,10 +280,13 @@ def save_distsave(model: distsave.Model, folder: Path) -> Callable[[], Any]:
     return lambda: model.save(str(folder))
 
 
-def save_distsave_async(model: distsave.Model, folder: Path) -> Callable[[], Any]:
-    wait_for_saves = getattr(distsave, "wait_for_saves", None)
-    if wait_for_saves is None:
+def check_async_api() -> None:
+    if not hasattr(distsave, "wait_for_saves"):
         raise Unavailable("distsave.wait_for_saves does not exist")
+
+
+def save_distsave_async(model: distsave.Model, folder: Path) -> Callable[[], Any]:
+    check_async_api()
 
     def run() -> dict[str, float]:
         start = time.perf_counter()
@@ -292,7 +297,7 @@ def save_distsave_async(model: distsave.Model, folder: Path) -> Callable[[], Any
                 raise Unavailable(f"model.save has no blocking=False ({error})") from error
             raise
         blocked = time.perf_counter() - start
-        wait_for_saves()
+        distsave.wait_for_saves()
         return {"blocked_s": blocked}
     return run
 
@@ -356,6 +361,8 @@ def measure(task: dict[str, Any]) -> dict[str, Any]:
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # the CUDA context is not part of any way's time
         torch.cuda.reset_peak_memory_stats(device)
+    if task["way"] == "distsave-async":
+        check_async_api()  # before building a model for nothing
     if task["op"] == "save":
         model = build_model(device, task["size_gb"])
         tensors = flat_state(model)
@@ -368,6 +375,7 @@ def measure(task: dict[str, Any]) -> dict[str, Any]:
         step = LOADS[task["way"]](folder, device, layout)
         drop_page_cache(task["cache"], folder)
     gc.collect()
+    os.sync()  # earlier writes and deletions (discards) are flushed now, not inside the timing
     peak_reset = _reset_peak_rss()
     rss_before = _status_bytes("VmRSS")
     start = time.perf_counter()
