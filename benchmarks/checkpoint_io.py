@@ -91,12 +91,13 @@ def mount_of(path: Path) -> dict[str, str]:
 
 
 def work_folder(requested: Path | None) -> Path:
-    """A new folder to write in (removed at the end), inside ``requested`` or else in the
-    temporary folder, or the current one where the temporary folder is in RAM (tmpfs)."""
-    candidates = [requested] if requested is not None else [Path(tempfile.gettempdir()), Path.cwd()]
-    for parent in candidates:
-        parent.mkdir(parents=True, exist_ok=True)
-        if mount_of(parent)["fstype"] not in ("tmpfs", "ramfs") or requested is not None:
+    """A new folder to write in (removed at the end): inside ``requested``, else in the
+    temporary folder, or in the current one where the temporary folder is in RAM (tmpfs)."""
+    if requested is not None:
+        requested.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".checkpoint_io-", dir=requested))
+    for parent in (Path(tempfile.gettempdir()), Path.cwd()):
+        if mount_of(parent)["fstype"] not in ("tmpfs", "ramfs"):
             return Path(tempfile.mkdtemp(prefix=".checkpoint_io-", dir=parent))
     raise SystemExit("Both the temporary folder and the current folder are in RAM (tmpfs), which "
                      "would measure memory, not the disk. Pass --dir on a real disk.")
@@ -150,13 +151,14 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def run_header(args: argparse.Namespace, folder: Path, cache: str) -> dict[str, Any]:
+def run_header(args: argparse.Namespace, folder: Path, cache: str, cudart: str) -> dict[str, Any]:
     return {"record": "run", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "commit": commit(), "device": args.device,
-            "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "size_gb": args.size_gb, "repeats": args.repeats,
+            "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else cpu_name(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "size_gb": args.size_gb, "repeats": args.repeats,
             "only": args.only, "dir": str(folder), "disk": mount_of(folder), "cache_drop": cache,
-            "cudart": expose_cudart(folder) if args.device == "cuda" else "n/a"}
+            "cudart": cudart}
 
 
 # -- running the steps --------------------------------------------------------------------------
@@ -256,7 +258,8 @@ def table(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
             return ["—"] * 4
         if s["status"] != "ok":
             return [s["status"], "", "", ""]
-        ratio = lambda base: f"{s['gb_per_s'] / base:.2f}×" if base else "—"  # noqa: E731
+        def ratio(base: float | None) -> str:
+            return f"{s['gb_per_s'] / base:.2f}×" if base else "—"
         return [f"{s['seconds']:.2f}", f"{s['gb_per_s']:.2f}", ratio(ceiling[op]), ratio(peer[op])]
 
     short_commit = header["commit"][:12] + ("-dirty" if header["commit"].endswith("-dirty") else "")
@@ -268,7 +271,7 @@ def table(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
         f"median of {header['repeats']}; {same_bytes(records)}",
         "",
         "| way | save s | save GB/s | × write ceiling | × best peer | load s | load GB/s | × read ceiling "
-        "| × best peer | load peak RSS rise GiB | notes |",
+        "| × best peer | peak RSS rise GiB save / load | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for way in [w for w in WAYS if any(k[0] == w for k in summary)]:
@@ -279,7 +282,8 @@ def table(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
         blocked = summary.get((way, "save"), {}).get("blocked_s")
         if blocked is not None:
             notes.append(f"save blocked the caller {blocked:.3f} s; save s is until durable")
-        rise = f"{load['rss_rise_gib']:.2f}" if load.get("status") == "ok" else ""
+        rise = " / ".join(f"{summary[way, op]['rss_rise_gib']:.2f}" if summary.get((way, op), {}).get("status") == "ok"
+                          else "—" for op in ("save", "load"))
         lines.append(f"| {LABELS[way]} | " + " | ".join(cells(way, "save") + cells(way, "load"))
                      + f" | {rise} | {'; '.join(notes)} |")
     return "\n".join(lines)
@@ -289,7 +293,8 @@ def main() -> None:
     args = parse_args()
     folder = work_folder(args.dir)
     cache = cache_drop_method()
-    header = run_header(args, folder, cache)
+    cudart = expose_cudart(folder) if args.device == "cuda" else "n/a"
+    header = run_header(args, folder, cache, cudart)
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"checkpoint_io-{header['date'][:19].replace(':', '')}-{args.device}"
     print(f"# writing in {folder} ({header['disk']['fstype']} on {header['disk']['source']}); "

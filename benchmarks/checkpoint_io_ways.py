@@ -163,7 +163,7 @@ def save_ceiling(model: distsave.Model, folder: Path) -> Callable[[], Any]:
 
 
 def load_ceiling(folder: Path, device: str, layout: Layout) -> Callable[[], Tensors]:
-    buffer = _host_buffer(_layout_bytes(layout), device)
+    buffer = _host_buffer(_layout_bytes(layout), device).zero_()  # faulted in now, not while timed
     views = _views(buffer, layout)
     memory = memoryview(buffer.numpy())
 
@@ -355,47 +355,48 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(task: dict[str, Any]) -> dict[str, Any]:
-    """Run the task's step once and return what was measured."""
+def _prepare(task: dict[str, Any]) -> tuple[Callable[[], Any], Layout]:
+    """The untimed part: build the model (saves) or read the layout and drop the cache (loads)."""
     device, folder = task["device"], Path(task["folder"])
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # the CUDA context is not part of any way's time
-        torch.cuda.reset_peak_memory_stats(device)
     if task["way"] == "distsave-async":
         check_async_api()  # before building a model for nothing
     if task["op"] == "save":
         model = build_model(device, task["size_gb"])
-        tensors = flat_state(model)
-        layout = layout_of(tensors)
-        step = SAVES[task["way"]](model, folder)
-        del tensors
-        checkpoint_bytes = _layout_bytes(layout)
-    else:
-        layout = json.loads(Path(task["layout"]).read_text())
-        step = LOADS[task["way"]](folder, device, layout)
-        drop_page_cache(task["cache"], folder)
+        return SAVES[task["way"]](model, folder), layout_of(flat_state(model))
+    layout = json.loads(Path(task["layout"]).read_text())
+    step = LOADS[task["way"]](folder, device, layout)
+    drop_page_cache(task["cache"], folder)
+    return step, layout
+
+
+def measure(task: dict[str, Any]) -> dict[str, Any]:
+    """Run the task's step once and return what was measured."""
+    device, folder = task["device"], Path(task["folder"])
+    step, layout = _prepare(task)
     gc.collect()
     os.sync()  # earlier writes and deletions (discards) are flushed now, not inside the timing
-    peak_reset = _reset_peak_rss()
-    rss_before = _status_bytes("VmRSS")
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    result = {"peak_reset": _reset_peak_rss(), "rss_before": _status_bytes("VmRSS"),
+              "cuda_before": torch.cuda.memory_allocated(device) if on_cuda else 0}
     start = time.perf_counter()
     outcome = step()
     _sync(device)
-    if task["op"] == "load" and device == "cpu":
+    if task["op"] == "load" and not on_cuda:
         touch_every_page(outcome)  # an mmap load returns before reading: time it until it has
-    seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "rss_before": rss_before, "rss_peak": _status_bytes("VmHWM"),
-              "peak_reset": peak_reset, "files_bytes": sum(p.stat().st_size for p in folder.rglob("*")
-                                                           if p.is_file())}
-    if device.startswith("cuda"):
-        result["cuda_peak"] = torch.cuda.max_memory_allocated(device)
+    result["seconds"] = time.perf_counter() - start
+    result["rss_peak"] = max(result["rss_before"], _status_bytes("VmHWM"))
+    result["cuda_peak"] = torch.cuda.max_memory_allocated(device) if on_cuda else 0
+    result["files_bytes"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     if task["op"] == "save":
         Path(task["layout"]).write_text(json.dumps(layout))
-        result.update(checkpoint_bytes=checkpoint_bytes, fingerprint_total=sum(layout["fingerprint"].values()),
-                      **(outcome or {}))
+        result.update(checkpoint_bytes=_layout_bytes(layout),
+                      fingerprint_total=sum(layout["fingerprint"].values()), **(outcome or {}))
     else:
-        found = fingerprint(outcome)
-        wrong = sorted(set(found.items()) ^ set(layout["fingerprint"].items()))
+        wrong = sorted(set(fingerprint(outcome).items()) ^ set(layout["fingerprint"].items()))
         result.update(checkpoint_bytes=sum(t.numel() * t.element_size() for t in outcome.values()),
                       verified=not wrong, mismatched=sorted({name for name, _ in wrong})[:5])
     return result
