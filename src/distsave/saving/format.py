@@ -38,6 +38,8 @@ HASH_CHUNK_BYTES = 16 * 2**20
 # writers and readers work in parallel inside a file, so nothing is gained by smaller shards.
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 MAX_MANIFEST_BYTES = 16 * 2**20
+# Export writes ~0.5-1.5 kB a node (with each value's metadata), so a program at the node cap (program_schema.py)
+# fits; the cap also bounds the JSON parse and schema walk (benchmarks/program_load.py).
 MAX_PROGRAM_BYTES = 32 * 2**20
 MAX_INDEX_BYTES = 16 * 2**20
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
@@ -131,13 +133,16 @@ class _Schema:
     def spec(self, value: Any, field: str) -> None:
         spec = self.dict(value, field)
         shape = self.list(spec.get("shape"), f"{field}.shape")
+        limit = f"at most 16 dimensions and {MAX_INPUT_ELEMENTS} elements"
+        if len(shape) > 16:
+            self.fail(f"{field}.shape", limit, shape)
         elements = 1
         for i, d in enumerate(shape):
             if d is not None:
-                elements *= self.count(d, f"{field}.shape[{i}]")
-        if len(shape) > 16 or elements > MAX_INPUT_ELEMENTS:
-            self.fail(f"{field}.shape", f"at most 16 dimensions and {MAX_INPUT_ELEMENTS} elements", shape)
-        if spec.get("dtype") not in _SPEC_DTYPES:
+                elements *= min(self.count(d, f"{field}.shape[{i}]"), MAX_INPUT_ELEMENTS + 1)
+        if elements > MAX_INPUT_ELEMENTS:
+            self.fail(f"{field}.shape", limit, shape)
+        if not isinstance(spec.get("dtype"), str) or spec["dtype"] not in _SPEC_DTYPES:
             self.fail(f"{field}.dtype", f"one of {sorted(_SPEC_DTYPES)}", spec.get("dtype"))
         if not is_identifier_path(spec.get("name", "x"), dotted=False):
             self.fail(f"{field}.name", "an identifier", spec.get("name"))

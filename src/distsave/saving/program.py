@@ -21,16 +21,14 @@ from torch import nn
 from torch._export.serde import serialize as serde
 
 from .errors import ArtifactError, SaveError
+from .format import MAX_NAME_LENGTH, MAX_PROGRAM_BYTES
 from .program_graph import build_graph_module
-from .program_schema import (MAX_ARGUMENT_ITEMS, MAX_NAME_LENGTH, MAX_PROGRAM_NODES, check_schema,
+from .program_schema import (MAX_ARGUMENT_ITEMS, MAX_PROGRAM_NODES, check_schema,
                              operator_allowed)
 
 __all__ = ["MAX_ARGUMENT_ITEMS", "MAX_NAME_LENGTH", "MAX_PROGRAM_BYTES", "MAX_PROGRAM_NODES", "build_program",
            "check_program", "export_program", "operator_allowed", "validate_program"]
 
-# Export writes ~0.5-1.5 kB a node (with each value's metadata), so a program at the node cap
-# fits; the cap also bounds the JSON parse and schema walk (benchmarks/program_load.py).
-MAX_PROGRAM_BYTES = 32 * 2**20
 # Where torch's serializer can skip pickling the tensors we store apart (torch >= 2.12), skip it;
 # older versions pickle them into bytes that are dropped unread.
 _SKIP_TENSOR_PAYLOADS = {name: False for name in ("serialize_state_dict", "serialize_constants",

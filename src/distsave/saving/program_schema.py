@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from .format import MAX_NAME_LENGTH
+
 __all__ = ["MAX_ARGUMENT_ITEMS", "MAX_NAME_LENGTH", "MAX_PROGRAM_NODES", "MAX_TENSOR_RANK",
            "check_schema", "name_problem", "operator_allowed", "path_problem", "resolve_operator"]
 
-MAX_NAME_LENGTH = 256
 MAX_PROGRAM_NODES = 20_000
 MAX_ARGUMENT_ITEMS = 8 * MAX_PROGRAM_NODES
 MAX_TENSOR_RANK = 32
