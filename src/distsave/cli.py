@@ -68,7 +68,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .saving.snapshot import Snapshot
 
     root = Path(args.path)
-    with Snapshot.open(root) as snapshot:
+    with Snapshot.open(root) as snapshot, snapshot.damage_first():
         manifest, tensors = snapshot.manifest, _tensor_table(snapshot)
     if args.json:
         print(json.dumps({"manifest": manifest, "tensors": tensors}, indent=2))
@@ -121,7 +121,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .saving.snapshot import Snapshot
 
     try:
-        with Snapshot.open(args.path) as snapshot:
+        with Snapshot.open(args.path) as snapshot, snapshot.damage_first():
             for stem in (WEIGHTS, OPTIMIZER, CONSTANTS):
                 if snapshot.has(single_file(stem)) or snapshot.has(index_file(stem)):
                     snapshot.tensor_files(stem)

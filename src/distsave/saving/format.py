@@ -168,7 +168,7 @@ def check_format(manifest: Any, where: str) -> dict[str, Any]:
     return m
 
 
-_DEFAULTS = {"signatures": dict, "uninitialized": list, "optimizer_state": dict, "variables": dict,
+_DEFAULTS = {"signatures": dict, "uninitialized": list, "tied_parameters": list, "optimizer_state": dict, "variables": dict,
              "training_state": dict, "written_by": dict}
 
 
@@ -198,6 +198,10 @@ def validate_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     s.count(m.get("parameter_count", 0), "parameter_count")
     for i, name in enumerate(s.list(m["uninitialized"], "uninitialized")):
         s.str(name, f"uninitialized[{i}]")
+    for i, group in enumerate(s.list(m["tied_parameters"], "tied_parameters")):
+        for j, name in enumerate(s.list(group, f"tied_parameters[{i}]")):
+            if not is_identifier_path(name):
+                s.fail(f"tied_parameters[{i}][{j}]", "a parameter path", name)
     _validate_signatures(s, m["signatures"])
     _validate_training_fields(s, m)
     if m["kind"] == KIND_MODEL:

@@ -151,7 +151,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
     if is_remote(path):
         with download_artifact(os.fspath(path)) as local:
             return load(local)
-    with Snapshot.open(local_path(path)) as snapshot:
+    with Snapshot.open(local_path(path)) as snapshot, snapshot.damage_first():
         manifest = snapshot.manifest
         variables = _read_stem(snapshot, WEIGHTS)
         constants = _read_stem(snapshot, CONSTANTS)

@@ -109,6 +109,7 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
         "optimizer_state": state_scalars,
         "training_state": {"epoch": model.epoch, "step": model.step},
         "trained_under": strategy.describe(),
+        "tied_parameters": _tied_parameters(model),
     }
 
     def write(writer: ArtifactWriter) -> dict[str, Any]:
@@ -121,6 +122,25 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
         return write_artifact_in_background(strategy, path, write)
     write_artifact(strategy, path, write)
     return SaveHandle(os.fspath(path))
+
+
+def _tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of names that share one parameter (tied weights), which the architecture does not
+    record: each group is re-tied on load."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _tie(model: nn.Module, groups: list[list[str]]) -> None:
+    for names in groups:
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            if model.get_parameter(other).shape != first.shape:
+                raise ArtifactError(f"tied parameters {names[0]} and {other} differ in shape")
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner), attr, first)
 
 
 def _check_rebuilds(architecture: dict[str, Any], model: Model) -> None:
@@ -165,7 +185,7 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
         with download_artifact(os.fspath(path)) as local:
             return load_model(local, compile=compile)
     strategy = get_strategy()
-    with Snapshot.open(local_path(path)) as snapshot:
+    with Snapshot.open(local_path(path)) as snapshot, snapshot.damage_first():
         manifest = snapshot.manifest
         where = str(snapshot.root / MANIFEST)
         if manifest["kind"] != KIND_MODEL:
@@ -173,6 +193,7 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
                                 "saved_model.save; load it with distsave.saved_model.load.")
         specs = [TensorSpec.from_json(s) for s in manifest["input_spec"]]
         model = _build_on_meta(manifest["architecture"], specs, where, snapshot.root)
+        _rebuilding(where, "tied_parameters", lambda: _tie(model, manifest["tied_parameters"]))
         _adopt_stored_dtypes(model, snapshot.tensor_files(WEIGHTS), str(snapshot.root / single_file(WEIGHTS)))
         _allocate(model, strategy.device)
         _read_state(snapshot, model)
@@ -233,20 +254,14 @@ def _adopt_stored_dtypes(model: nn.Module, stored: dict[str, TensorEntry], sourc
 
 def _allocate(model: nn.Module, device: torch.device) -> None:
     """Give the meta model real (uninitialised) memory on ``device``, keeping tied weights tied."""
-    ties = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        ties.setdefault(id(param), []).append(name)
+    ties = _tied_parameters(model)
     persistent = set(model.state_dict())
     transient = [n for n, _ in model.named_buffers() if n not in persistent]
     if transient:
         raise ArtifactError(f"The architecture holds buffers that are not saved ({transient[:3]}); "
                             "their values cannot be restored without running its constructor for real.")
     model.to_empty(device=device)
-    for names in ties.values():
-        first = model.get_parameter(names[0])
-        for other in names[1:]:
-            owner, _, attr = other.rpartition(".")
-            setattr(model.get_submodule(owner), attr, first)
+    _tie(model, ties)
 
 
 def _read_state(snapshot: Snapshot, model: nn.Module) -> None:

@@ -10,11 +10,12 @@ snapshot is taken again.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,14 +229,7 @@ class Snapshot:
         cache = self.__dict__.setdefault("_headers", {})
         if name not in cache:
             fd, size = self._files[name]
-            try:
-                cache[name] = parse_header(str(self.root / name), fd, size)
-            except ArtifactError:
-                problems = self._content_problems(skip=set(self._files) - {name})
-                if problems:  # damage, not a hostile header: say so
-                    raise ArtifactError(f"Artifact '{self.root}' failed validation:\n  - {problems[0]}\n"
-                                        "Re-save the model, or restore the artifact from a good copy.") from None
-                raise
+            cache[name] = parse_header(str(self.root / name), fd, size)
         return cache[name]
 
     def file_of(self, stem: str, entry_name: str) -> str:
@@ -269,6 +263,20 @@ class Snapshot:
         tensors = {k: torch.empty(e.shape, dtype=e.dtype, device=device) for k, e in entries.items()}
         self.read_tensors(stem, tensors)
         return tensors
+
+    @contextlib.contextmanager
+    def damage_first(self) -> Iterator[None]:
+        """Report damage before anything else: if the work inside fails (a header that does not
+        parse, names that do not match), check the files not yet verified, and if one was
+        altered, say that instead — the other error is only a consequence."""
+        try:
+            yield
+        except Exception as error:  # re-raised unless damage explains it
+            problems = self._content_problems(skip=self._verified)
+            if problems:
+                raise ArtifactError(f"Artifact '{self.root}' failed validation:\n  - " + "\n  - ".join(problems)
+                                    + "\nRe-save the model, or restore the artifact from a good copy.") from error
+            raise
 
     def verify_remaining(self) -> None:
         """Check the checksums of every file not read yet (so a load checks the whole artifact)."""

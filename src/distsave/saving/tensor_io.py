@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +35,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _IOV_MAX = 512
-_WORKERS = max(1, min(8, os.cpu_count() or 1))
+# Threads release the GIL while they read, write and hash, and storage wants several requests in
+# flight: at least 4 even on a small machine.
+_WORKERS = max(4, min(16, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -87,45 +90,51 @@ def _chunks(pieces: list[_Piece], chunk: int) -> Iterator[tuple[int, list[_Piece
 
 
 class _PinnedPool:
-    """Reusable page-locked buffers, one per worker thread, for device <-> host copies."""
+    """Reusable page-locked buffers, each with its own CUDA stream, for device <-> host copies
+    that several threads run at once."""
 
     def __init__(self, device: torch.device, size: int):
         self.device, self.size = device, size
-        self._free: list[torch.Tensor] = []
+        self._free: list[tuple[torch.Tensor, torch.cuda.Stream]] = []
+        self._lock = threading.Lock()
 
-    def take(self) -> torch.Tensor:
-        if self._free:
-            return self._free.pop()
-        return torch.empty(self.size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+    def take(self) -> tuple[torch.Tensor, torch.cuda.Stream]:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return (torch.empty(self.size, dtype=torch.uint8, pin_memory=True),
+                torch.cuda.Stream(self.device))
 
-    def give(self, buffer: torch.Tensor) -> None:
-        self._free.append(buffer)
+    def give(self, staging: tuple[torch.Tensor, torch.cuda.Stream]) -> None:
+        with self._lock:
+            self._free.append(staging)
 
 
-def _host_views(pieces: list[_Piece], pool: _PinnedPool | None) -> tuple[list[memoryview], torch.Tensor | None]:
+def _host_views(pieces: list[_Piece], pool: _PinnedPool | None) -> tuple[list[memoryview], tuple | None]:
     """Host memory for each piece: bytes and CPU tensors as they are, device tensors through
     one pinned buffer (returned, to give back to the pool once written)."""
-    buffer, used, staged = None, 0, []
+    staging, used, places = None, 0, []
     for p in pieces:
         if not isinstance(p.source, bytes) and p.source.device.type != "cpu":
-            buffer = pool.take() if buffer is None else buffer
-            buffer[used:used + p.length].copy_(p.source[p.at:p.at + p.length], non_blocking=True)
-            staged.append((used, p.length))
+            staging = pool.take() if staging is None else staging
+            with torch.cuda.stream(staging[1]):
+                staging[0][used:used + p.length].copy_(p.source[p.at:p.at + p.length], non_blocking=True)
+            places.append((used, p.length))
             used += p.length
         else:
-            staged.append(None)
-    if buffer is not None:
-        torch.cuda.current_stream(pool.device).synchronize()
-        pinned = memoryview(buffer.numpy())
+            places.append(None)
+    if staging is not None:
+        staging[1].synchronize()
+        pinned = memoryview(staging[0].numpy())
     views = []
-    for p, place in zip(pieces, staged):
+    for p, place in zip(pieces, places):
         if place is not None:
             views.append(pinned[place[0]:place[0] + place[1]])
         elif isinstance(p.source, bytes):
             views.append(memoryview(p.source)[p.at:p.at + p.length])
         else:
             views.append(memoryview(p.source[p.at:p.at + p.length].numpy()))
-    return views, buffer
+    return views, staging
 
 
 def _header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor, int]]]:
@@ -173,15 +182,15 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor])
 
         def write_chunk(job: tuple[int, list[_Piece]]) -> str:
             _, chunk_pieces = job
-            views, buffer = _host_views(chunk_pieces, pool)
+            views, staging = _host_views(chunk_pieces, pool)
             digest = hashlib.sha256()
             for view in views:
                 digest.update(view)
             for i in range(0, len(views), _IOV_MAX):
                 batch = views[i:i + _IOV_MAX]
                 _write_fully(fd, batch, chunk_pieces[i].offset)
-            if buffer is not None:
-                pool.give(buffer)
+            if staging is not None:
+                pool.give(staging)
             return digest.hexdigest()
 
         jobs = list(_chunks(pieces, HASH_CHUNK_BYTES))
@@ -323,7 +332,8 @@ def read_into(file: TensorFile, destinations: dict[str, torch.Tensor],
         digest = hashlib.sha256()
         staged = pool is not None and any(not isinstance(p.source, bytes) and p.source.device.type != "cpu"
                                           for p in chunk_pieces)
-        buffer = pool.take() if staged else None
+        staging = pool.take() if staged else None
+        buffer = staging[0] if staging else None
         used = 0
         for group in _contiguous_reads(chunk_pieces):
             if isinstance(group[0].source, bytes):
@@ -340,13 +350,14 @@ def read_into(file: TensorFile, destinations: dict[str, torch.Tensor],
                 digest.update(view)
             if buffer is not None:
                 offset = used
-                for p in group:
-                    p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length], non_blocking=True)
-                    offset += p.length
+                with torch.cuda.stream(staging[1]):
+                    for p in group:
+                        p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length], non_blocking=True)
+                        offset += p.length
                 used += sum(p.length for p in group)
-        if buffer is not None:
-            torch.cuda.current_stream(pool.device).synchronize()
-            pool.give(buffer)
+        if staging is not None:
+            staging[1].synchronize()
+            pool.give(staging)
         return index < len(digests) and digest.hexdigest() == digests[index]
 
     jobs = list(_chunks(pieces, chunk))
