@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from .compile_config import compile_to_json, optimizer_state, restore_compile
 from .errors import ArtifactError, SaveError
 from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single_file
 from .manifest import ArtifactWriter
-from .signatures import export_signatures
+from .signatures import ExportedSignatures, export_signatures
 from .snapshot import Snapshot
 from .storage import download_artifact, is_remote, local_path
 from .tensor_io import TensorEntry
@@ -91,9 +92,9 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     materialize(model, model.input_spec)
     architecture = module_spec(model)
     input_spec = [s.to_json() for s in model.input_spec]
-    _check_rebuilds(architecture, model)
+    rebuilt = _check_rebuilds(architecture, model)
     strategy = model.distribute_strategy
-    signatures = (export_signatures(model, None, cache_key=json.dumps([architecture, input_spec]))
+    signatures = (_export_serving(model, rebuilt, json.dumps([architecture, input_spec]))
                   if strategy.is_chief else None)
     weights = model.state_dict()
     state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
@@ -143,8 +144,32 @@ def _tie(model: nn.Module, groups: list[list[str]]) -> None:
             setattr(model.get_submodule(owner), attr, first)
 
 
-def _check_rebuilds(architecture: dict[str, Any], model: Model) -> None:
-    """The recorded architecture must rebuild the same tensors (checked on ``meta``: free)."""
+# A model's serving program, by the architecture and inputs it was exported for: saving the same
+# model again (checkpoints) reuses it, as programs hold no weights.
+_SERVING_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _export_serving(model: Model, rebuilt: Model, key: str) -> ExportedSignatures:
+    """The ``serving_default`` program, exported from the ``meta`` rebuild of the model (no
+    copy of the weights anywhere, whatever device the model is on), or from the model itself
+    when its code cannot run on ``meta`` (e.g. it reads tensor values)."""
+    cached = _SERVING_PROGRAMS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        exported = export_signatures(rebuilt, None, model.input_spec)
+        if any(t.device.type == "meta" for t in exported.constants.values()):
+            raise SaveError("the program holds tensor constants, whose values meta does not have")
+    except SaveError:
+        exported = export_signatures(model, None, model.input_spec)
+    if not exported.constants:
+        _SERVING_PROGRAMS[model] = (key, exported)
+    return exported
+
+
+def _check_rebuilds(architecture: dict[str, Any], model: Model) -> Model:
+    """The recorded architecture must rebuild the same tensors (checked on ``meta``: free);
+    returns the rebuild, in eval mode."""
     with torch.device("meta"):
         rebuilt = build_module(architecture, context=None)
     materialize(rebuilt, model.input_spec)
@@ -155,6 +180,7 @@ def _check_rebuilds(architecture: dict[str, Any], model: Model) -> None:
         raise SaveError(f"The recorded architecture of {type(model).__name__} does not rebuild the "
                         f"same weights (differences: {differing}). A layer's constructor arguments "
                         "were not captured; give its class a get_config() and register it.")
+    return rebuilt.eval()
 
 
 def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:

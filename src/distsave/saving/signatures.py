@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,12 +119,14 @@ def _resolve_signatures(obj: nn.Module, signatures: Any, input_spec: list[Tensor
 
 @contextlib.contextmanager
 def _exportable(obj: nn.Module, fn: Callable) -> Iterator[nn.Module]:
-    """A CPU module in eval mode whose forward is ``fn``; ``obj`` itself is left as it was.
+    """A CPU (or ``meta``) module in eval mode whose forward is ``fn``; ``obj`` itself is left
+    as it was.
 
-    A CPU model is exported in place (so functions that close over it see its parameters);
-    a GPU model through a CPU copy, where only the model and its methods can be exported.
+    A CPU or meta model is exported in place (so functions that close over it see its
+    parameters); a GPU model through a CPU copy, where only the model and its methods can be
+    exported.
     """
-    if all(t.device.type == "cpu" for t in obj.state_dict().values()):
+    if all(t.device.type in ("cpu", "meta") for t in obj.state_dict().values()):
         modes = {m: m.training for m in obj.modules()}
         obj.eval()
         try:
@@ -153,7 +154,8 @@ def _prepare(obj: nn.Module, name: str, sig: Signature) -> tuple[dict, dict, dic
 
 def _export_signature(root: nn.Module, prefix: str, name: str,
                       sig: Signature) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    examples = tuple(s.example(2) for s in sig.input_spec)
+    device = next(iter(root.state_dict().values()), torch.empty(0)).device
+    examples = tuple(s.example(2).to(device) for s in sig.input_spec)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({i: (batch if i == 0 else torch.export.Dim(f"{s.name}_dim{i}", min=1))
                      for i, d in enumerate(s.shape) if d is None} for s in sig.input_spec)
@@ -192,33 +194,17 @@ class ExportedSignatures:
         return {name: entry for name, (_, entry, _) in self.programs.items()}
 
 
-# The default signature of a model, by the architecture and inputs it was exported for: saving
-# the same model again (checkpoints) reuses it; programs hold no weights.
-_SERVING_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def export_signatures(obj: nn.Module, signatures: Any, input_spec: list[TensorSpec] | None = None,
-                      output_names: Sequence[str] | None = None,
-                      cache_key: str | None = None) -> ExportedSignatures:
+                      output_names: Sequence[str] | None = None) -> ExportedSignatures:
     """Export every signature with ``torch.export`` (on the caller's thread: it reads the model).
-
-    Args:
-        cache_key: For the default signature only: a description of the architecture and
-            inputs; an earlier export of ``obj`` under the same key is reused.
 
     Raises:
         SaveError: a signature name that is not a plain file name, or a signature that cannot
             be exported (the message says which and why).
     """
     spec = input_spec or getattr(obj, "input_spec", None)
-    cached = _SERVING_CACHE.get(obj) if cache_key is not None and signatures is None else None
-    if cached is not None and cached[0] == cache_key:
-        return cached[1]
     resolved = _resolve_signatures(obj, signatures, spec, output_names)
-    exported = ExportedSignatures({name: _prepare(obj, name, sig) for name, sig in resolved.items()})
-    if cache_key is not None and signatures is None and not exported.constants:
-        _SERVING_CACHE[obj] = (cache_key, exported)
-    return exported
+    return ExportedSignatures({name: _prepare(obj, name, sig) for name, sig in resolved.items()})
 
 
 def write_signatures(writer: ArtifactWriter, obj: nn.Module, signatures: Any,
