@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import cnn_model
 
-from distsave.training.steps import CapturedTrainStep, TrainStep, make_train_step
+from distsave.training.steps import CaptureError, CapturedTrainStep, TrainStep, capture_failed, make_train_step
 
 
 def test_auto_on_a_cpu_trains_eagerly(small_train):
@@ -28,3 +28,15 @@ def test_requiring_capture_where_it_is_impossible_says_why():
 def test_jit_compile_takes_three_values():
     with pytest.raises(ValueError, match="jit_compile"):
         cnn_model().compile(loss="mse", optimizer="adam", jit_compile="xla")
+
+
+def test_a_failed_capture_raises_under_true_and_warns_under_auto(caplog):
+    """The policy the captured step applies when CUDA-graph capture throws (tests/gpu runs it)."""
+    model = cnn_model()
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", jit_compile=True)
+    with pytest.raises(CaptureError, match=r"requires.*capture failed \(RuntimeError: no sync here\).*'auto'"):
+        capture_failed(model, RuntimeError("no sync here\ndetails"))
+    model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", jit_compile="auto")
+    with caplog.at_level("WARNING"):
+        capture_failed(model, RuntimeError("no sync here"))
+    assert "cannot capture the train step" in caplog.text and "no sync here" in caplog.text
