@@ -1,6 +1,9 @@
 """Training speed of the workflow's CNN: distsave ``fit`` against its peers, in one process.
 
-Each way trains 2 epochs of MNIST with Adam; samples/s is measured on the second epoch.
+Each way trains 2 epochs of MNIST with Adam; samples/s is measured on the second epoch, as
+the samples that epoch really ran over its seconds. The ways run interleaved, ``--repeats``
+times; every run is a line of ``benchmarks/results/fit_speed-*.jsonl`` (commit, card, versions,
+date) and the tables show medians.
 
     python benchmarks/fit_speed.py --batch 64 1024            # on a GPU (peers need CUDA)
     python benchmarks/fit_speed.py --device cpu --batch 64    # typical loop vs fit on a CPU
@@ -17,6 +20,8 @@ from torch import nn
 
 import distsave
 from distsave.demo import workflow_cnn
+
+from raw_log import RawLog  # benchmarks/ is the script's folder, hence on sys.path
 
 EPOCHS = 2
 
@@ -45,15 +50,15 @@ def test_accuracy(model: nn.Module, device: torch.device) -> float:
     return (predictions == labels).double().mean().item()
 
 
-def timed_epochs(run_epoch: Callable[[], None], device: torch.device) -> float:
-    """Run EPOCHS epochs; samples/s of the last one."""
+def timed_epochs(run_epoch: Callable[[], int], device: torch.device) -> float:
+    """Run EPOCHS epochs (each returns the samples it trained on); samples/s of the last one."""
     for epoch in range(EPOCHS):
         sync(device)
         start = time.perf_counter()
-        run_epoch()
+        samples = run_epoch()
         sync(device)
         seconds = time.perf_counter() - start
-    return 60000 / seconds
+    return samples / seconds
 
 
 def eager_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -73,6 +78,7 @@ def typical_loop(images, labels, batch, device) -> float:
     def epoch():
         for x, y in loader:
             eager_step(model, optimizer, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        return len(images)
     return timed_epochs(epoch, device), test_accuracy(model, device)
 
 
@@ -85,6 +91,7 @@ def device_eager(images, labels, batch, device) -> float:
     def epoch():
         for rows in torch.randperm(len(x_all), device=device).split(batch):
             eager_step(model, optimizer, x_all[rows], y_all[rows])
+        return len(x_all)
     return timed_epochs(epoch, device), test_accuracy(model, device)
 
 
@@ -112,12 +119,15 @@ def captured_graph(images, labels, batch, device) -> float:
         step()
 
     def epoch():
+        samples = 0
         for rows in torch.randperm(len(x_all), device=device).split(batch):
             if len(rows) < batch:
                 continue  # the graph has static shapes; the limit skips the last partial batch
             static_x.copy_(x_all[rows])
             static_y.copy_(y_all[rows])
             graph.replay()
+            samples += batch  # so the rate counts only the samples it trained on
+        return samples
     return timed_epochs(epoch, device), test_accuracy(model, device)
 
 
@@ -184,37 +194,50 @@ def distsave_fit(train, batch, device) -> tuple[float, float]:
     return timer.rate, test_accuracy(model, device)
 
 
+TYPICAL, LIMIT = "typical loop (DataLoader + eager step)", "captured CUDA graph step (limit)"
+
+
+def one_round(images, labels, train, batch, device, lightning: bool) -> dict[str, tuple[float, float] | None]:
+    """Every way once, in a fixed order (rounds interleave the ways)."""
+    results: dict[str, tuple[float, float] | None] = {TYPICAL: typical_loop(images, labels, batch, device)}
+    if device.type == "cuda":
+        results["data on device, eager step"] = device_eager(images, labels, batch, device)
+        results[LIMIT] = captured_graph(images, labels, batch, device)
+    if lightning:
+        results["Lightning Trainer.fit"] = lightning_fit(images, labels, batch, device)
+    results["distsave fit"] = distsave_fit(train, batch, device)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[64])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians are shown)")
     parser.add_argument("--skip-lightning", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
     images, labels, train = mnist_tensors()
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"# fit speed: {card}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    log = RawLog("fit_speed", device)
+    print(f"# fit speed: {log.context['card']}, torch {torch.__version__}, commit {log.context['commit'][:10]}, "
+          f"{log.context['date']}; raw log {log.path}")
+    for repeat in range(args.repeats):
+        for batch in args.batch:
+            for way, result in one_round(images, labels, train, batch, device, not args.skip_lightning).items():
+                rate, accuracy = result if result else (None, None)
+                log.write(way=way, batch=batch, repeat=repeat, samples_per_second=rate, test_accuracy=accuracy)
+    rates = log.medians(("batch", "way"), "samples_per_second")
+    accuracies = log.medians(("batch", "way"), "test_accuracy")
     for batch in args.batch:
-        results: dict[str, tuple[float, float] | None] = {
-            "typical loop (DataLoader + eager step)": typical_loop(images, labels, batch, device)}
-        if device.type == "cuda":
-            results["data on device, eager step"] = device_eager(images, labels, batch, device)
-            results["captured CUDA graph step (limit)"] = captured_graph(images, labels, batch, device)
-        if not args.skip_lightning:
-            results["Lightning Trainer.fit"] = lightning_fit(images, labels, batch, device)
-        results["distsave fit"] = distsave_fit(train, batch, device)
-        typical = results["typical loop (DataLoader + eager step)"][0]
-        limit = results.get("captured CUDA graph step (limit)")
-        print(f"\n## {batch} examples per step\n")
+        print(f"\n## {batch} examples per step, medians of {args.repeats} interleaved runs\n")
         print("| way of training | samples/s | vs typical loop | vs captured graph | test accuracy |")
         print("|---|---:|---:|---:|---:|")
-        for name, result in results.items():
-            if result is None:
-                print(f"| {name} | not installed | | | |")
-                continue
-            rate, accuracy = result
-            vs_limit = f"{rate / limit[0]:.2f}x" if limit else ""
-            print(f"| {name} | {rate:,.0f} | {rate / typical:.2f}x | {vs_limit} | {accuracy:.4f} |")
+        typical, limit = rates[(batch, TYPICAL)][0], rates.get((batch, LIMIT), (None,))[0]
+        for (b, way), (rate, _) in rates.items():
+            if b == batch:
+                vs_limit = f"{rate / limit:.2f}x" if limit else ""
+                print(f"| {way} | {rate:,.0f} | {rate / typical:.2f}x | {vs_limit} | "
+                      f"{accuracies[(b, way)][0]:.4f} |")
 
 
 if __name__ == "__main__":

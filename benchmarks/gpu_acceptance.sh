@@ -31,6 +31,10 @@ echo "== distsave demo under torchrun (one process per GPU)"
 python3 -m torch.distributed.run --nproc_per_node "$(python3 -c 'import torch; print(torch.cuda.device_count())')" \
     -m distsave.cli demo --workdir /tmp/demo-torchrun 2>&1 | tail -16 > "$OUT/demo_torchrun.log"
 tail -3 "$OUT/demo_torchrun.log"
+echo "== fit speed (3 interleaved runs)"
+python3 benchmarks/fit_speed.py --batch 64 1024 --repeats 3 2>&1 | grep "^|\|^#" | tee "$OUT/fit_speed.md"
 echo "== scaling over the GPUs this machine has"
 python3 benchmarks/scaling.py --gpus $(seq -s ' ' 1 "$(python3 -c 'import torch; print(torch.cuda.device_count())')") \
     --per-replica 64 1024 2>&1 | grep "^|\|^#" | tee "$OUT/scaling.md"
+echo "== raw benchmark logs (JSON lines)"
+mkdir -p "$OUT/results" && cp benchmarks/results/*.jsonl "$OUT/results/" 2>/dev/null; ls "$OUT/results"

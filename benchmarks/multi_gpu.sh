@@ -15,3 +15,5 @@ python3 benchmarks/multi_gpu_check.py train /tmp/mg 2>&1 | grep "^{" | tee "$OUT
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/multi_gpu_check.py load /tmp/mg 2>&1 | grep "^{" | tee -a "$OUT/portability.jsonl"
 echo "== scaling"
 python3 benchmarks/scaling.py --gpus $(seq -s ' ' 1 "$N") --per-replica 64 1024 2>&1 | grep "^|\|^#" | tee "$OUT/scaling.md"
+echo "== raw benchmark logs (JSON lines)"
+mkdir -p "$OUT/results" && cp benchmarks/results/*.jsonl "$OUT/results/" 2>/dev/null; ls "$OUT/results"

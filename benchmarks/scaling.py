@@ -1,5 +1,10 @@
 """Data-parallel scaling of ``fit``: samples/s with 1, 2, ... replicas at a fixed number of
-examples per replica, and per-replica efficiency (rate / (replicas x one-replica rate)).
+examples per replica, next to a plain-DDP peer (the same CNN, Adam and per-replica batch, data
+on the device, an eager DDP step, started by torchrun) measured in the same run.
+
+Runs are interleaved ``--repeats`` times; each is a line of ``benchmarks/results/scaling-*.jsonl``
+(commit, card, versions, date); the table shows medians and per-replica efficiency
+(rate / (replicas x the same way's one-replica rate)).
 
     python benchmarks/scaling.py --gpus 1 2 4 8          # MirroredStrategy over that many GPUs
     python benchmarks/scaling.py --cpu-replicas 1 2      # gloo over CPU processes
@@ -11,23 +16,89 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import torch
+
+from raw_log import RawLog  # benchmarks/ is the script's folder, hence on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
+WAYS = ("distsave fit", "plain DDP")
 
 
-def run(replicas: int, per_replica: int, gpus: bool, epochs: int) -> float:
+def _environment(replicas: int, gpus: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(replicas))
+    return env
+
+
+def run_distsave(replicas: int, per_replica: int, gpus: bool, epochs: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "report"
         command = [sys.executable, str(ROOT / "examples/train_mnist.py"), "--epochs", str(epochs),
                    "--per-replica-batch", str(per_replica), "--seed", "0", "--report", str(report)]
-        env = dict(os.environ)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(replicas))
-        else:
+        if not gpus:
             command += ["--cpu-replicas", str(replicas)]
-        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, env=_environment(replicas, gpus), stdout=subprocess.DEVNULL)
         return json.loads(Path(f"{report}.0.json").read_text())["samples_per_second"]
+
+
+def run_ddp_peer(replicas: int, per_replica: int, gpus: bool, epochs: int) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "ddp.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                   str(replicas), str(Path(__file__).resolve()), "--ddp-worker", "--report", str(report),
+                   "--per-replica", str(per_replica), "--epochs", str(epochs)]
+        if gpus:
+            command.append("--worker-on-gpu")
+        subprocess.run(command, check=True, env=_environment(replicas, gpus), stdout=subprocess.DEVNULL)
+        return json.loads(report.read_text())["samples_per_second"]
+
+
+def ddp_worker(args: argparse.Namespace) -> None:
+    """One process of the plain-DDP peer: samples/s of its last epoch, written by rank 0."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    import distsave
+    from distsave.demo import workflow_cnn
+
+    dist.init_process_group("nccl" if args.worker_on_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.worker_on_gpu:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # as distsave's CPU replicas
+    images, labels = next(iter(distsave.datasets.load("mnist", split="train").batch(60000)))
+    images, labels = (images.float() / 255).to(device), labels.to(device)
+    torch.manual_seed(0)
+    model = nn.Sequential(*workflow_cnn()).to(device)
+    model = DistributedDataParallel(model, device_ids=[device.index] if args.worker_on_gpu else None)
+    optimizer = torch.optim.Adam(model.parameters())
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(epoch)).to(device)
+        if args.worker_on_gpu:
+            torch.cuda.synchronize(device)
+        dist.barrier()
+        start = time.perf_counter()
+        for rows in order.split(args.per_replica * world):
+            mine = rows.tensor_split(world)[rank]
+            loss = nn.functional.cross_entropy(model(images[mine]), labels[mine])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if args.worker_on_gpu:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    if rank == 0:
+        Path(args.report).write_text(json.dumps({"samples_per_second": len(images) / seconds}))
+    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -35,20 +106,43 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--gpus", type=int, nargs="+")
     group.add_argument("--cpu-replicas", type=int, nargs="+")
+    group.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--per-replica", type=int, nargs="+", default=[64, 1024])
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians are shown)")
+    parser.add_argument("--report", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-on-gpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    counts = args.gpus or args.cpu_replicas
-    kind = "GPUs" if args.gpus else "CPU processes"
+    if args.ddp_worker:
+        args.per_replica = args.per_replica[0]
+        ddp_worker(args)
+        return
+    counts, gpus = args.gpus or args.cpu_replicas, bool(args.gpus)
+    log = RawLog("scaling", torch.device("cuda" if gpus else "cpu"))
+    print(f"# scaling: {log.context['card']}, torch {torch.__version__}, commit {log.context['commit'][:10]}, "
+          f"{log.context['date']}; raw log {log.path}")
+    runners = {"distsave fit": run_distsave, "plain DDP": run_ddp_peer}
+    for repeat in range(args.repeats):
+        for per_replica in args.per_replica:
+            for n in counts:
+                for way, runner in runners.items():
+                    rate = runner(n, per_replica, gpus, args.epochs)
+                    log.write(way=way, replicas=n, per_replica=per_replica, repeat=repeat,
+                              gpus=gpus, epochs=args.epochs, samples_per_second=rate)
+    medians = log.medians(("way", "per_replica", "replicas"), "samples_per_second")
+    kind = "GPUs" if gpus else "CPU processes"
     for per_replica in args.per_replica:
-        print(f"\n## {per_replica} examples per replica per step, last of {args.epochs} epochs\n")
-        print(f"| {kind} | samples/s | per-replica efficiency |")
-        print("|---:|---:|---:|")
-        base = None
+        print(f"\n## {per_replica} examples per replica per step, last of {args.epochs} epochs, "
+              f"medians of {args.repeats} interleaved runs\n")
+        print(f"| {kind} | " + " | ".join(f"{w} samples/s | {w} efficiency" for w in WAYS) + " |")
+        print("|---:|" + "---:|---:|" * len(WAYS))
+        cells = {}
         for n in counts:
-            rate = run(n, per_replica, bool(args.gpus), args.epochs)
-            base = base or rate / n
-            print(f"| {n} | {rate:,.0f} | {rate / (n * base):.2f} |", flush=True)
+            for way in WAYS:
+                rate = medians[(way, per_replica, n)][0]
+                base = medians[(way, per_replica, counts[0])][0] / counts[0]
+                cells[(n, way)] = f"{rate:,.0f} | {rate / (n * base):.2f}"
+            print(f"| {n} | " + " | ".join(cells[(n, w)] for w in WAYS) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,17 @@ def read_reports(prefix: Path, replicas: int) -> list[dict]:
     return [json.loads(Path(f"{prefix}.{r}.json").read_text()) for r in range(replicas)]
 
 
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``model``'s state, to compare before and after training."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_every_weight_moved(state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> None:
+    """Training really stepped: no tensor of ``state`` is still at its initial value."""
+    unchanged = [name for name, tensor in state.items() if torch.equal(tensor.cpu(), initial[name].cpu())]
+    assert not unchanged, f"still at their initial values (did the optimizer step?): {unchanged}"
+
+
 def tiny_model(**kwargs) -> distsave.Sequential:
     torch.manual_seed(0)
     model = distsave.Sequential([nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10)], **kwargs)

@@ -204,7 +204,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(cpu_replicas=args.cpu_replicas, epochs=args.epochs, workdir=args.workdir)
+    return run_demo(cpu_replicas=args.cpu_replicas, epochs=args.epochs, workdir=args.workdir,
+                    quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on N CPU replicas (default: every GPU, else 2 CPU replicas)")
     demo.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     demo.add_argument("--workdir", default="distsave-demo", help="where artifacts are written")
+    demo.add_argument("--quick", action="store_true",
+                      help="every step on 200 training steps and 2,000 test images (for CI)")
     demo.set_defaults(handler=_demo)
     inspect = sub.add_parser("inspect", help="summarise an artifact")
     inspect.add_argument("path")

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from tests.conftest import cnn_model, scale
+from tests.conftest import assert_every_weight_moved, cnn_model, scale, state_of
 
 import distsave
+from distsave.training import loop, steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,6 +32,7 @@ def test_one_device_cuda_trains_and_loads_on_cpu_with_the_same_predictions(mnist
 def test_mirrored_one_gpu_uses_nccl_and_trains(mnist, tmp_path):
     strategy = distsave.MirroredStrategy()
     assert strategy.num_replicas_in_sync == torch.cuda.device_count()
+    assert dist.get_backend(strategy._group) == "nccl"
     with strategy.scope():
         model = cnn_model()
     history = model.fit(mnist["train"].take(4096).map(scale).cache().batch(64), epochs=2, verbose=0)
@@ -52,6 +55,19 @@ def test_loaded_signature_runs_on_the_gpu_under_a_strategy(tmp_path):
     assert out.device.type == "cuda"
     with torch.no_grad():
         torch.testing.assert_close(out.cpu(), trained(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def train_steps(monkeypatch):
+    """Every train step ``fit`` builds, to check whether it captured a graph."""
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(steps.make_train_step(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "make_train_step", recording)
+    return made
 
 
 def _train(mnist, jit_compile, examples=1000):
@@ -81,9 +97,13 @@ def test_a_program_exported_through_a_gpu_layer_runs_on_cpu_and_gpu(mnist, tmp_p
         torch.testing.assert_close(served["output_0"].cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_captured_step_matches_the_eager_step(mnist):
+def test_captured_step_matches_the_eager_step(mnist, train_steps):
+    initial = state_of(cnn_model())
     captured, fast = _train(mnist, jit_compile=True)  # 15 full batches + one of 40, per epoch
+    assert isinstance(train_steps[0], steps.CapturedTrainStep) and train_steps[0].graph is not None
     eager, slow = _train(mnist, jit_compile=False)
+    assert type(train_steps[1]) is steps.TrainStep
+    assert_every_weight_moved(state_of(captured), initial)
     assert isinstance(captured.optimizer, torch.optim.Adam)
     for name, tensor in eager.state_dict().items():
         torch.testing.assert_close(captured.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
@@ -92,25 +112,43 @@ def test_captured_step_matches_the_eager_step(mnist):
     assert all(not group["capturable"] for group in captured.optimizer.param_groups)
 
 
-def test_model_trained_on_the_fast_path_saves_and_loads_like_any_other(mnist, tmp_path):
+def test_model_trained_on_the_fast_path_saves_and_loads_like_any_other(mnist, tmp_path, train_steps):
     model, _ = _train(mnist, jit_compile="auto")
+    assert train_steps[0].graph is not None  # the fast path ran
+    images = next(iter(mnist["test"].take(256).map(scale).batch(256)))[0]
+    expected = model.predict(images).cpu()
     model.save(tmp_path / "m")
     assert '"capturable": false' in (tmp_path / "m/manifest.json").read_text()
     with distsave.OneDeviceStrategy("cpu").scope():
         restored = distsave.load_model(tmp_path / "m")
+    torch.testing.assert_close(restored.predict(images), expected, rtol=1e-4, atol=1e-4)
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        on_gpu = distsave.load_model(tmp_path / "m")
+    assert torch.equal(on_gpu.predict(images).cpu(), expected)
+    before = state_of(restored)
     restored.fit(mnist["train"].take(256).map(scale).batch(64), epochs=1, verbose=0)
+    assert_every_weight_moved(state_of(restored), before)
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(784, 10)
+
+    def forward(self, x):
+        x = self.linear(x.flatten(1))
+        return x * 2 if x.sum().item() > 0 else x  # a sync: cannot be captured
+
+
+def test_required_capture_that_fails_raises_with_the_reason(mnist):
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        model = distsave.Model(DataDependent())
+        model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", jit_compile=True)
+    with pytest.raises(steps.CaptureError, match=r"jit_compile=True.*capture failed \("):
+        model.fit(mnist["train"].take(640).map(scale).batch(64), epochs=1, verbose=0)
 
 
 def test_capture_falls_back_to_eager_with_one_log_line(mnist, caplog):
-    class DataDependent(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(784, 10)
-
-        def forward(self, x):
-            x = self.linear(x.flatten(1))
-            return x * 2 if x.sum().item() > 0 else x  # a sync: cannot be captured
-
     with distsave.OneDeviceStrategy("cuda:0").scope():
         model = distsave.Model(DataDependent())
         model.compile(loss="sparse_categorical_crossentropy", optimizer="adam")

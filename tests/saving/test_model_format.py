@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import cnn_model, tiny_model
+from tests.conftest import assert_every_weight_moved, cnn_model, state_of, tiny_model
 
 import distsave
 from distsave import ArtifactError, SaveError
@@ -40,13 +40,17 @@ def test_restored_model_reports_the_same_loss_and_accuracy(trained, small_test, 
 
 def test_fit_continues_after_loading_as_if_never_saved(small_train, tmp_path):
     uninterrupted = cnn_model()
+    initial = state_of(uninterrupted)
     history = uninterrupted.fit(small_train, epochs=2, verbose=0)
     first = cnn_model()
     first.fit(small_train, epochs=1, verbose=0)
     first.save(tmp_path / "m")
     resumed = distsave.load_model(tmp_path / "m")
     assert resumed.compiled and isinstance(resumed.optimizer, torch.optim.Adam)
+    after_first = state_of(resumed)
     second = resumed.fit(small_train, epochs=1, verbose=0)  # no compile()
+    assert_every_weight_moved(state_of(resumed), after_first)  # the resumed optimizer steps
+    assert_every_weight_moved(after_first, initial)
     assert second.epoch == [1] and resumed.epoch == 2
     assert second.history["loss"][0] == pytest.approx(history.history["loss"][1], rel=1e-6)
     for name, tensor in uninterrupted.state_dict().items():
@@ -147,13 +151,17 @@ def test_save_inside_and_outside_scope(inside, tmp_path, small_train):
     strategy = distsave.OneDeviceStrategy("cpu")
     with strategy.scope():
         model = cnn_model()
+    initial = state_of(model)
     model.fit(small_train, epochs=1, verbose=0)
     if inside:
         with strategy.scope():
             model.save(tmp_path / "m")
     else:
         model.save(tmp_path / "m")
-    assert distsave.load_model(tmp_path / "m").epoch == 1
+    restored = distsave.load_model(tmp_path / "m")
+    assert restored.epoch == 1
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert_every_weight_moved(state_of(restored), initial)  # the trained weights, not the initial ones
 
 
 def test_existing_folder_that_is_not_an_artifact_is_never_replaced(trained, tmp_path):

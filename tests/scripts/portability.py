@@ -15,6 +15,7 @@ import distsave
 from distsave.demo import workflow_cnn
 
 mode, folder, names = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+torch.set_num_threads(1)  # as the test process does: bitwise-equal predictions need equal threads
 strategy = distsave.MirroredStrategy(devices=["cpu", "cpu"])
 mnist = distsave.datasets.load("mnist")
 scale = lambda image, label: (image.float() / 255, label)  # noqa: E731

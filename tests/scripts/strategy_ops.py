@@ -22,6 +22,7 @@ report = {
     "broadcast": strategy.broadcast_object({"chief": rank}),
     "shards": shards,
     "run": strategy.run(lambda t: t * 2, args=(torch.tensor([rank]),)).tolist(),
+    "threads": torch.get_num_threads(),
 }
 strategy.barrier()
 with open(f"{sys.argv[1]}.{rank}.json", "w") as f:

@@ -10,6 +10,26 @@ def test_cpu_spellings(spec):
     assert parse_device(spec) == torch.device("cpu")
 
 
+@pytest.mark.parametrize("spec, index", [("/gpu:0", 0), ("/GPU:3", 3), ("/gpu", 0), ("gpu:2", 2),
+                                         ("/device:GPU:1", 1), ("/job:worker/replica:0/task:1/device:GPU:2", 2),
+                                         ("cuda:5", 5), ("cuda", 0)])
+def test_gpu_spellings_name_cuda_devices(spec, index):
+    assert parse_device(spec, must_exist=False) == torch.device("cuda", index)
+
+
+def test_an_existing_gpu_is_accepted_and_numbered(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert parse_device("/gpu:3") == torch.device("cuda", 3)
+    with pytest.raises(ValueError, match=r"'/gpu:4' does not exist: this machine has 4 CUDA.*'cuda:3'"):
+        parse_device("/gpu:4")
+
+
+@pytest.mark.parametrize("spec", ["/gpu:-1", "/gpu:a", "gpu0", "/tpu:0", "/gpu:0/extra", ""])
+def test_malformed_gpu_names(spec):
+    with pytest.raises(ValueError, match="Expected a device"):
+        parse_device(spec, must_exist=False)
+
+
 def test_one_device_strategy_accepts_tf_style_names():
     strategy = distsave.OneDeviceStrategy("/cpu:0")
     assert strategy.device == torch.device("cpu") and strategy.num_replicas_in_sync == 1

@@ -1,10 +1,13 @@
 """MirroredStrategy with real processes and gloo: two CPU replicas."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, cnn_model, read_reports, run_python, run_script, scale
+from tests.conftest import (ROOT, assert_every_weight_moved, cnn_model, read_reports, run_python, run_script,
+                            scale, state_of)
 
 import distsave
 
@@ -20,6 +23,7 @@ def test_collectives_across_two_replicas(tmp_path):
         assert r["sum_over_batch"] == [5.0, 5.0, 5.0]
         assert r["gather"] == [0.0, 1.0, 1.0]
         assert r["broadcast"] == {"chief": 0}
+        assert r["threads"] <= max(1, (os.cpu_count() or 1) // 2)  # the replicas share the cores
     # a global batch of 5 is split 3/2, contiguous, as TF splits a global batch
     assert reports[0]["shards"] == [[0, 1, 2], [5, 6, 7]]
     assert reports[1]["shards"] == [[3, 4], [8, 9]]
@@ -31,7 +35,10 @@ def test_two_replicas_x32_equal_one_replica_x64(tmp_path, mnist):
     replica0 = load_file(tmp_path / "params.0.safetensors")
     replica1 = load_file(tmp_path / "params.1.safetensors")
     single = cnn_model(optimizer="sgd")
+    initial = state_of(single)
     single.fit(mnist["train"].take(512).map(scale).batch(64), epochs=1, verbose=0)
+    assert_every_weight_moved(replica0, initial)  # equal because both trained, not because neither did
+    assert_every_weight_moved(state_of(single), initial)
     for name, tensor in single.state_dict().items():
         assert torch.equal(replica0[name], replica1[name]), name
         torch.testing.assert_close(replica0[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

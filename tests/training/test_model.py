@@ -5,7 +5,7 @@ from torch import nn
 from tests.conftest import cnn_model, tiny_model
 
 import distsave
-from distsave.training import metrics
+from distsave.training import callbacks, loop, metrics
 from distsave.training.callbacks import ProgressBar
 
 
@@ -87,7 +87,8 @@ def test_progress_bar_prints_a_keras_style_line(small_train, capsys):
     assert "ms/step - loss: " in out and " - accuracy: " in out
 
 
-def test_progress_bar_reads_metrics_at_a_bounded_rate(small_train):
+def test_progress_bar_reads_metrics_at_a_bounded_rate(monkeypatch, capsys):
+    """The default bar reads metrics (a device sync) at most every 0.25 s of a fake clock."""
     reads = []
 
     class Counting(metrics.Mean):
@@ -95,11 +96,19 @@ def test_progress_bar_reads_metrics_at_a_bounded_rate(small_train):
             reads.append(1)
             return super().result()
 
-    bar = ProgressBar(interval=3600, live=True)
-    bar.set_params({"epochs": 1, "steps": 100})
+    now = [1000.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: now[0])
+    bar = ProgressBar(live=True)
+    bar.set_params({"epochs": 1, "steps": 300})
     bar.on_epoch_begin(0)
-    logs = {"loss": Counting("loss")}
-    lazy = type("Lazy", (dict,), {"__getitem__": lambda self, k: logs[k].result()})(loss=None)
-    for step in range(100):
-        bar.on_train_batch_end(step, lazy)
+    metric = Counting("loss")
+    metric.update_value(torch.tensor(0.5), 1)
+    logs = loop._LiveLogs([metric])
+    for step in range(100):  # 100 steps of 1 ms each: 0.1 s, under one interval
+        now[0] += 0.001
+        bar.on_train_batch_end(step, logs)
     assert reads == []  # no metric was read (no device sync) during the 100 steps
+    for step in range(100, 300):  # 200 steps of 10 ms each: 2 s, at most 8 intervals
+        now[0] += 0.01
+        bar.on_train_batch_end(step, logs)
+    assert 1 <= len(reads) <= 8

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import os
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,6 +45,32 @@ def _replica_devices(devices: list[str] | None, world_size: int | None) -> list[
     if torch.cuda.is_available():
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return [torch.device("cpu")]
+
+
+_SETTLE_SECONDS = 10.0  # a bound, so a stuck worker can never hang the caller
+
+
+def _settle(tensors: Sequence[torch.Tensor]) -> None:
+    """Wait (GIL released) until gloo's worker threads have let go of ``tensors``.
+
+    A gloo worker thread drops its references to a finished collective's tensors a moment
+    after the caller wakes up. If the worker holds the last reference to a tensor that
+    Python created, dropping it takes the GIL; when that happens during interpreter shutdown
+    the thread is killed inside C++ and the process aborts ("terminate called without an
+    active exception"). Waiting here keeps the last reference on the Python side.
+    """
+    deadline = time.monotonic() + _SETTLE_SECONDS
+    while any(t._use_count() > 1 for t in tensors) and time.monotonic() < deadline:
+        time.sleep(0)
+
+
+def _cpu_threads_per_replica(replicas: int) -> int | None:
+    """The intra-op thread count for one of ``replicas`` processes sharing this machine's
+    CPUs, or None to leave the process's setting alone (one replica, or the user chose
+    one with OMP_NUM_THREADS). It only ever lowers the count, never raises it."""
+    if replicas == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) // replicas))
 
 
 def _leave_group() -> None:
@@ -91,8 +120,8 @@ class MirroredStrategy(Strategy):
         self._backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.num_replicas_in_sync))
+        elif (threads := _cpu_threads_per_replica(self.num_replicas_in_sync)) is not None:
+            torch.set_num_threads(threads)
         self._group = self._join_group(external, timeout)
 
     def _join_group(self, external: bool, timeout: datetime.timedelta) -> dist.ProcessGroup:
@@ -117,6 +146,10 @@ class MirroredStrategy(Strategy):
     def __repr__(self) -> str:
         return f"MirroredStrategy(replicas={self.num_replicas_in_sync}, device={self.device})"
 
+    def _settle(self, *tensors: torch.Tensor) -> None:
+        if self._backend == "gloo":
+            _settle(tensors)
+
     def barrier(self) -> None:
         if self._backend == "nccl":
             dist.barrier(group=self._group, device_ids=[self.device.index])
@@ -124,9 +157,15 @@ class MirroredStrategy(Strategy):
             dist.barrier(group=self._group)
 
     def broadcast_object(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._group, device=self.device)
-        return box[0]
+        """The chief's JSON-able ``obj`` on every replica (sent as UTF-8 JSON, never pickled)."""
+        payload = json.dumps(obj).encode() if self.is_chief else b""
+        size = torch.tensor([len(payload)], dtype=torch.long, device=self.device)
+        dist.broadcast(size, src=0, group=self._group)
+        data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device) if self.is_chief
+                else torch.empty(int(size.item()), dtype=torch.uint8, device=self.device))
+        dist.broadcast(data, src=0, group=self._group)
+        self._settle(size, data)
+        return json.loads(bytes(data.cpu().tolist()).decode())
 
     def prepare_for_training(self, module: nn.Module) -> nn.Module:
         if self.num_replicas_in_sync == 1:
@@ -137,18 +176,21 @@ class MirroredStrategy(Strategy):
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.clone()
         dist.all_reduce(out, group=self._group)
+        self._settle(out)
         return out
 
     def _all_gather(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
         tensor = tensor.movedim(axis, 0).contiguous()
         sizes = [torch.zeros(1, dtype=torch.long, device=self.device)
                  for _ in range(self.num_replicas_in_sync)]
-        dist.all_gather(sizes, torch.tensor([len(tensor)], device=self.device), group=self._group)
+        size = torch.tensor([len(tensor)], device=self.device)
+        dist.all_gather(sizes, size, group=self._group)
         longest = int(max(s.item() for s in sizes))
         padded = tensor.new_zeros((longest, *tensor.shape[1:]))
         padded[: len(tensor)] = tensor
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=self._group)
+        self._settle(size, *sizes, *parts, padded)
         whole = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
         return whole.movedim(0, axis)
 

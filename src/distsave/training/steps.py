@@ -3,7 +3,8 @@
 `TrainStep` runs eagerly anywhere. `CapturedTrainStep` records the whole step (forward,
 backward, optimizer, metric sums) once as a CUDA graph and replays it per batch, which removes
 the per-kernel launch cost that bounds small models; batches of another shape (the last,
-smaller one) run eagerly, and if capture is impossible it falls back to eager with one log line.
+smaller one) run eagerly. If capture fails, ``jit_compile="auto"`` falls back to eager with one
+log line and ``jit_compile=True`` raises with the reason.
 """
 
 from __future__ import annotations
@@ -21,11 +22,27 @@ from .specs import describe_tensor
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["CapturedTrainStep", "TrainStep", "make_train_step"]
+__all__ = ["CaptureError", "CapturedTrainStep", "TrainStep", "capture_failed", "make_train_step"]
 
 logger = logging.getLogger(__name__)
 _WARMUP_STEPS = 3
 _GRAPH_SAFE_OPTIMIZERS = (torch.optim.SGD,)  # graph-safe without a 'capturable' flag
+
+
+class CaptureError(RuntimeError):
+    """``compile(jit_compile=True)`` asked for a captured step and capture failed."""
+
+
+def capture_failed(model: Model, error: BaseException) -> None:
+    """Decide what a failed capture means: an error under ``jit_compile=True``, else a warning."""
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if model.jit_compile is True:
+        raise CaptureError(f"compile(jit_compile=True) requires the train step to be captured as a "
+                           f"CUDA graph, but capture failed ({reason}). Remove host syncs such as "
+                           ".item() or data-dependent control flow from forward, or compile with "
+                           "jit_compile='auto' (falls back to eager) or False.") from error
+    logger.warning("fit: cannot capture the train step as a CUDA graph (%s); training eagerly. "
+                   "compile(jit_compile=False) silences this.", reason)
 
 
 class TrainStep:
@@ -140,12 +157,10 @@ class CapturedTrainStep(TrainStep):
         try:
             with torch.cuda.graph(graph):
                 self._step(self.static_x, self.static_y, 1.0)
-        except Exception as error:  # any capture failure means: train eagerly instead
+        except Exception as error:  # "auto": train eagerly instead; True: raise
             self.failed = True
             torch.cuda.synchronize(self.strategy.device)
-            logger.warning("fit: cannot capture the train step as a CUDA graph (%s: %s); "
-                           "training eagerly. compile(jit_compile=False) silences this.",
-                           type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            capture_failed(self.model, error)
             self._step(x, y, 1.0)
             return
         self.graph = graph
