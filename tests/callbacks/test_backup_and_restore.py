@@ -34,7 +34,9 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_backups(backup: Path) -> int:
-    """Every artifact in the backup folder verifies; returns the step the index lists."""
+    """Every artifact in the backup folder verifies; returns the step the index lists (0: none)."""
+    if not (backup / INDEX).exists():  # killed before the first backup was listed
+        return 0
     index = json.loads((backup / INDEX).read_text())
     (entry,) = index["checkpoints"]
     for folder in backup.iterdir():

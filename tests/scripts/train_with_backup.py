@@ -83,7 +83,10 @@ torch.manual_seed(0)
 generator = torch.Generator().manual_seed(1)
 x = torch.randn(96, 8, generator=generator)
 y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-data = distsave.data.Dataset.from_tensor_slices((x, y)).shuffle(96).batch(16)
+data = distsave.data.Dataset.from_tensor_slices((x, y))
+if os.environ.get("CACHE"):
+    data = data.map(lambda a, b: (a * 2, b)).cache()
+data = data.shuffle(96).batch(16)
 with strategy.scope():
     model = distsave.Sequential([nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)],
                                 input_spec=distsave.TensorSpec((None, 8)))
