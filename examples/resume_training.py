@@ -10,6 +10,7 @@ the current step with a fresh backup and exit code 143.
 """
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ WORK = Path("resume_demo")
 
 def train(die_at_step: int | None = None) -> None:
     strategy = distsave.MirroredStrategy(devices=["cpu", "cpu"])
+    random.seed(0)  # fit draws each epoch's shuffle seed from Python's RNG: seed it for a comparable run
     torch.manual_seed(0)
     mnist, _ = distsave.datasets.load("mnist", with_info=True, as_supervised=True)
     train_data = (mnist["train"].take(2048).map(lambda x, y: (x.float() / 255, y))
