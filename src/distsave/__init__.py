@@ -1,8 +1,9 @@
 """distsave: train under a distribution strategy, save once, load anywhere."""
 
-from . import data, layers, saved_model, strategies
+from . import callbacks, data, layers, saved_model, strategies
 from .data import datasets
 from .saving import ArtifactError, SaveError, load_model, register_serializable, wait_for_saves
+from .saving.checkpoint_manager import CheckpointManager
 from .strategies import (
     MirroredStrategy,
     MultiWorkerMirroredStrategy,
@@ -16,9 +17,9 @@ from .training import Callback, History, Model, Sequential, TensorSpec, losses, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArtifactError", "Callback", "History", "MirroredStrategy", "Model",
+    "ArtifactError", "Callback", "CheckpointManager", "History", "MirroredStrategy", "Model",
     "MultiWorkerMirroredStrategy", "OneDeviceStrategy", "ReduceOp", "SaveError", "Sequential",
-    "Strategy", "TensorSpec", "__version__", "data", "datasets", "get_strategy", "layers",
+    "Strategy", "TensorSpec", "__version__", "callbacks", "data", "datasets", "get_strategy", "layers",
     "load_model", "losses", "metrics", "register_serializable", "saved_model", "strategies",
     "wait_for_saves",
 ]

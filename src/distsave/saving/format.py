@@ -14,7 +14,8 @@ from .errors import ArtifactError, SaveError
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST", "WEIGHTS", "OPTIMIZER",
-    "CONSTANTS", "SIGNATURES_DIR", "KIND_MODEL", "KIND_SAVED_MODEL", "HASH_CHUNK_BYTES",
+    "CONSTANTS", "TRAINING_STATE", "SIGNATURES_DIR", "KIND_MODEL", "KIND_SAVED_MODEL",
+    "KIND_TRAINING_STATE", "HASH_CHUNK_BYTES",
     "DEFAULT_MAX_SHARD_BYTES", "MAX_MANIFEST_BYTES", "MAX_PROGRAM_BYTES", "MAX_INDEX_BYTES",
     "MAX_SAFETENSORS_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_INPUT_ELEMENTS", "MAX_NAME_LENGTH",
     "is_known_file", "check_format", "signature_file", "check_signature_name", "shard_file", "single_file",
@@ -29,9 +30,11 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model"
 OPTIMIZER = "optimizer"
 CONSTANTS = "constants"
+TRAINING_STATE = "training_state"  # per-replica RNG states and metric sums, for exact resume
 SIGNATURES_DIR = "signatures"
 KIND_MODEL = "model"
 KIND_SAVED_MODEL = "saved_model"
+KIND_TRAINING_STATE = "training_state"  # where a fit stopped; a checkpoint pairs it with a model
 
 HASH_CHUNK_BYTES = 16 * 2**20
 # Files stay below 4 GiB: under old 32-bit offset tools and single-PUT object-store limits;
@@ -47,7 +50,7 @@ MAX_JSON_DEPTH = 128
 MAX_INPUT_ELEMENTS = 2**31  # per example, for input specs read from a file
 MAX_NAME_LENGTH = 256
 
-_STEMS = f"({WEIGHTS}|{OPTIMIZER}|{CONSTANTS})"
+_STEMS = f"({WEIGHTS}|{OPTIMIZER}|{CONSTANTS}|{TRAINING_STATE})"
 _SIGNATURE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _KNOWN_FILE = re.compile(rf"^({_STEMS}(-\d{{5}}-of-\d{{5}})?\.safetensors"
                          rf"|{_STEMS}\.safetensors\.index\.json"
@@ -187,8 +190,8 @@ def validate_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
             m[key] = default()
     for key, value in s.dict(m["written_by"], "written_by").items():
         s.str(value, f"written_by.{key}")
-    if m.get("kind") not in (KIND_MODEL, KIND_SAVED_MODEL):
-        s.fail("kind", f"{KIND_MODEL!r} or {KIND_SAVED_MODEL!r}", m.get("kind"))
+    if m.get("kind") not in (KIND_MODEL, KIND_SAVED_MODEL, KIND_TRAINING_STATE):
+        s.fail("kind", f"{KIND_MODEL!r}, {KIND_SAVED_MODEL!r} or {KIND_TRAINING_STATE!r}", m.get("kind"))
     _validate_files(s, m.get("files"), version)
     if m.get("input_spec") is not None:
         for i, spec in enumerate(s.list(m["input_spec"], "input_spec")):
@@ -207,6 +210,8 @@ def validate_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     if m["kind"] == KIND_MODEL:
         s.dict(m.get("architecture"), "architecture")
         s.list(m.get("input_spec"), "input_spec")
+    elif m["kind"] == KIND_TRAINING_STATE:
+        _validate_resume_state(s, m.get("resume_state"))
     else:
         for name, entry in s.dict(m["variables"], "variables").items():
             s.dict(entry, f"variables.{name}")
@@ -274,3 +279,45 @@ def _validate_training_fields(s: _Schema, m: dict[str, Any]) -> None:
         for key, value in s.dict(values, f"optimizer_state.{name}").items():
             if isinstance(value, (dict, list)):
                 s.fail(f"optimizer_state.{name}.{key}", "a number, string, boolean or null", value)
+
+
+def _validate_resume_state(s: _Schema, state: Any) -> None:
+    """The JSON half of a training-state artifact (the tensors are in ``training_state.safetensors``):
+    where the fit stopped, the data order of that epoch, and each replica's Python/NumPy RNG."""
+    state = s.dict(state, "resume_state")
+    for key in ("epoch", "batch", "step"):
+        s.count(state.get(key), f"resume_state.{key}")
+    s.count(state.get("num_replicas"), "resume_state.num_replicas", positive=True)
+    for i, name in enumerate(s.list(state.get("metric_names"), "resume_state.metric_names")):
+        s.str(name, f"resume_state.metric_names[{i}]")
+    for i, passes in enumerate(s.list(state.get("shuffle_passes"), "resume_state.shuffle_passes")):
+        s.count(passes, f"resume_state.shuffle_passes[{i}]")
+    _random_state(s, state.get("epoch_random"), "resume_state.epoch_random")
+    replicas = s.list(state.get("replicas"), "resume_state.replicas")
+    if len(replicas) != state["num_replicas"]:
+        s.fail("resume_state.replicas", f"{state['num_replicas']} entries (num_replicas)", replicas)
+    for i, replica in enumerate(replicas):
+        field = f"resume_state.replicas[{i}]"
+        replica = s.dict(replica, field)
+        _random_state(s, replica.get("python"), f"{field}.python")
+        numpy_state = s.dict(replica.get("numpy"), f"{field}.numpy")
+        s.str(numpy_state.get("bit_generator"), f"{field}.numpy.bit_generator")
+        for j, word in enumerate(s.list(numpy_state.get("key"), f"{field}.numpy.key")):
+            if isinstance(word, bool) or not isinstance(word, int) or not 0 <= word < 2**32:
+                s.fail(f"{field}.numpy.key[{j}]", "a 32-bit unsigned integer", word)
+        s.count(numpy_state.get("pos"), f"{field}.numpy.pos")
+        s.count(numpy_state.get("has_gauss"), f"{field}.numpy.has_gauss")
+        if not isinstance(numpy_state.get("cached_gaussian"), (int, float)):
+            s.fail(f"{field}.numpy.cached_gaussian", "a number", numpy_state.get("cached_gaussian"))
+
+
+def _random_state(s: _Schema, state: Any, field: str) -> None:
+    """Python's ``random.getstate()`` as JSON: version, 625 32-bit words, the cached gauss."""
+    state = s.dict(state, field)
+    s.count(state.get("version"), f"{field}.version")
+    words = s.list(state.get("internal"), f"{field}.internal")
+    if len(words) != 625 or not all(not isinstance(w, bool) and isinstance(w, int) and 0 <= w < 2**32
+                                    for w in words):
+        s.fail(f"{field}.internal", "625 32-bit unsigned integers", words)
+    if state.get("gauss_next") is not None and not isinstance(state["gauss_next"], (int, float)):
+        s.fail(f"{field}.gauss_next", "a number or null", state["gauss_next"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ class Callback:
         self.model = model
 
     def set_params(self, params: dict[str, Any]) -> None:
-        """``epochs``, ``steps`` (per epoch) and ``verbose`` of the running ``fit``."""
+        """``epochs``, ``steps`` (per epoch) and ``verbose`` of the running ``fit``; also its
+        ``data`` and the train step's ``metrics`` (loss first), for exact resume."""
         self.params = params
 
     def on_train_begin(self, logs: Logs | None = None) -> None: ...
@@ -32,6 +34,16 @@ class Callback:
     def on_epoch_begin(self, epoch: int, logs: Logs | None = None) -> None: ...
     def on_epoch_end(self, epoch: int, logs: Logs | None = None) -> None: ...
     def on_train_batch_end(self, batch: int, logs: Logs | None = None) -> None: ...
+
+    def on_epoch_batches(self, epoch: int, batches: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        """The epoch's ``(index, batch)`` pairs, called after ``on_epoch_begin``; a callback
+        may skip the batches a resumed run already trained."""
+        return batches
+
+    def on_preempted(self, epoch: int, batch: int) -> str | None:
+        """SIGTERM stops the fit after ``batch`` batches of ``epoch`` (every replica calls this);
+        save what must survive, and return a note for the exit message."""
+        return None
 
 
 class History(Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from torch.utils import _pytree as pytree
 from ..data.dataset import Dataset, Table
 from ..strategies import DistributedDataset, Strategy
 from .callbacks import Callback, History, ProgressBar, read_logs
+from .interrupts import Interrupts, TrainingPreempted
 from .metrics import Mean, Metric
 from .steps import make_train_step
 
@@ -128,23 +130,35 @@ def fit(model: Model, data: Dataset | DistributedDataset, *, epochs: int,
     callbacks = [*callbacks, history]
     if verbose and strategy.is_chief:
         callbacks.insert(0, ProgressBar())
+    last_epoch = model.epoch + epochs  # a callback restoring a backup moves model.epoch, not this
+    model.stop_training = False
     for callback in callbacks:
         callback.set_model(model)
-        callback.set_params({"epochs": model.epoch + epochs, "steps": steps, "verbose": verbose})
+        callback.set_params({"epochs": last_epoch, "steps": steps, "verbose": verbose,
+                             "data": data, "metrics": metrics})
         callback.on_train_begin()
     live = _LiveLogs(metrics)
+    interrupts = Interrupts(strategy)  # SIGTERM is caught until it is closed
     try:
-        for epoch in range(model.epoch, model.epoch + epochs):
+        for epoch in range(model.epoch, last_epoch):
             model.train()
             step.begin_epoch()
             for callback in callbacks:
                 callback.on_epoch_begin(epoch)
-            for index, (global_size, batch) in enumerate(_global_batches(model, data, strategy)):
+            batches = enumerate(_global_batches(model, data, strategy))
+            for callback in callbacks:
+                batches = callback.on_epoch_batches(epoch, batches)
+            for index, (global_size, batch) in batches:
                 x, y = _split(batch, supervised=True)
                 step(x, y, global_size)
                 model.step += 1
                 for callback in callbacks:
                     callback.on_train_batch_end(index, live)
+                preempted, model.stop_training = interrupts.agree(model.stop_training)
+                if preempted:
+                    _preempt(model, callbacks, epoch, index + 1)
+                if model.stop_training:
+                    break
             logs = _merge(metrics, strategy)
             if validation_data is not None:
                 logs.update({f"val_{k}": v for k, v in evaluate(model, validation_data, verbose=0).items()})
@@ -152,11 +166,26 @@ def fit(model: Model, data: Dataset | DistributedDataset, *, epochs: int,
             model.epoch = epoch + 1
             for callback in callbacks:
                 callback.on_epoch_end(epoch, logs)
+            if model.stop_training:
+                break
     finally:
+        interrupts.close()
         step.end()
+    interrupts.deliver_pending()
     for callback in callbacks:
         callback.on_train_end()
     return history
+
+
+def _preempt(model: Model, callbacks: list[Callback], epoch: int, batch: int) -> None:
+    """Let callbacks save (every replica, same step), say so on stderr, end with code 143."""
+    notes = [note for callback in callbacks if (note := callback.on_preempted(epoch, batch))]
+    message = (f"distsave: fit stopped on SIGTERM after step {model.step} (epoch {epoch + 1}, batch "
+               f"{batch}). " + (" ".join(notes) if notes else "No BackupAndRestore callback was "
+                                "given, so the progress since the last save is lost."))
+    if model.distribute_strategy.is_chief:
+        print(message, file=sys.stderr, flush=True)
+    raise TrainingPreempted(message)
 
 
 @torch.no_grad()
