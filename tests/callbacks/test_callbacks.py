@@ -26,10 +26,8 @@ def model():
 
 @pytest.fixture(autouse=True)
 def no_programs(monkeypatch):
-    class NoSignatures:
-        def write(self, writer):
-            return {}
-    monkeypatch.setattr(distsave.saving.model_format, "export_signatures", lambda *a, **k: NoSignatures())
+    monkeypatch.setattr(distsave.saving.model_format, "_export_serving",
+                        lambda *args: distsave.saving.signatures.ExportedSignatures({}))
 
 
 def test_model_checkpoint_formats_epoch_and_logged_values_into_the_path(tmp_path, model, data):

@@ -12,14 +12,10 @@ from torch import nn
 
 import distsave
 from distsave.saving import model_format
+from distsave.saving.signatures import ExportedSignatures
 
 
-class _NoSignatures:
-    def write(self, writer):
-        return {}
-
-
-model_format.export_signatures = lambda *args, **kwargs: _NoSignatures()
+model_format._export_serving = lambda *args: ExportedSignatures({})  # saves skip the serving program
 directory, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 manager = distsave.CheckpointManager(directory, max_to_keep=3)
 model = distsave.Sequential([nn.Linear(64, 64)], input_spec=distsave.TensorSpec((None, 64)))

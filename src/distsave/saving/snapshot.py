@@ -72,6 +72,7 @@ class Snapshot:
         self.root, self.manifest = root, manifest
         self._files = files  # name -> (fd, size)
         self._verified: set[str] = set()
+        self._headers: dict[str, TensorFile] = {}
         self._chunk = HASH_CHUNK_BYTES if manifest["format_version"] >= 2 else None
 
     # -- opening --------------------------------------------------------------------------
@@ -226,15 +227,14 @@ class Snapshot:
         return entries
 
     def _header(self, name: str) -> TensorFile:
-        cache = self.__dict__.setdefault("_headers", {})
-        if name not in cache:
+        if name not in self._headers:
             fd, size = self._files[name]
-            cache[name] = parse_header(str(self.root / name), fd, size)
-        return cache[name]
+            self._headers[name] = parse_header(str(self.root / name), fd, size)
+        return self._headers[name]
 
     def file_of(self, stem: str, entry_name: str) -> str:
         """The file (single or shard) that holds tensor ``entry_name`` of ``stem``."""
-        for name, header in self.__dict__.get("_headers", {}).items():
+        for name, header in self._headers.items():
             if name.startswith(stem) and entry_name in header.entries:
                 return name
         raise KeyError(entry_name)
@@ -248,7 +248,7 @@ class Snapshot:
         by_file: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in destinations.items():
             by_file.setdefault(self.file_of(stem, key), {})[key] = tensor
-        for name in sorted(self.__dict__["_headers"]):
+        for name in sorted(self._headers):
             if not name.startswith(stem):
                 continue
             digests, chunk = self._digests(name)
