@@ -227,7 +227,7 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
         optimizer_tensors = _read_optimizer_state(snapshot, model, strategy.device) if restore else {}
         snapshot.verify_remaining()
     model.input_spec = specs
-    model._strategy = strategy if has_strategy() else None
+    model.runtime.strategy = strategy if has_strategy() else None
     if restore:
         _rebuilding(where, "compile", lambda: restore_compile(
             model, manifest["compile"], optimizer_tensors, manifest.get("optimizer_state", {})))

@@ -56,16 +56,9 @@ def unwrap(module: Any) -> Any:
 
 
 def _cpu_clone(module: nn.Module) -> nn.Module:
-    """A CPU copy in eval mode for export. The live training wrapper and optimizer are left
-    out; the strategy (process groups cannot be copied) and datasets kept on the device are
-    shared, not copied."""
-    memo: dict[int, Any] = {}
-    for attr, replacement in (("_train_module", None), ("optimizer", None), ("_strategy", "same"),
-                              ("_device_tables", "same")):
-        value = module.__dict__.get(attr)
-        if value is not None and value is not module:
-            memo[id(value)] = value if replacement == "same" else None
-    return copy.deepcopy(module, memo).cpu().eval()
+    """A CPU copy in eval mode for export (a `Model`'s runtime — strategy, optimizer, training
+    wrapper, device datasets — is shared, not copied)."""
+    return copy.deepcopy(module).cpu().eval()
 
 
 class _Bound(nn.Module):

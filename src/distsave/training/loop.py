@@ -39,7 +39,7 @@ _DEVICE_TABLES = 4  # datasets kept on a device per model (train, validation, ..
 
 def _device_tensors(model: Model, table: Table, device: torch.device) -> Any | None:
     """The table's tensors on ``device``, moved once and kept (if they fit comfortably)."""
-    cache: dict = model.__dict__.setdefault("_device_tables", {})
+    cache: dict = model.runtime.device_tables
     key = (id(table.tensors), device)
     if key not in cache:
         nbytes = sum(t.numel() * t.element_size() for t in pytree.tree_leaves(table.tensors))

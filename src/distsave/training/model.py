@@ -28,6 +28,21 @@ def _as_specs(spec: TensorSpec | Sequence[TensorSpec] | None) -> list[TensorSpec
     return specs
 
 
+class Runtime:
+    """What a model holds while it runs, apart from what it is: the strategy it runs under, its
+    optimizer, the training wrapper (DDP) and datasets kept on its device. A copy of the model
+    (an export copy) shares it rather than copying processes groups, optimizer state or data."""
+
+    def __init__(self, strategy: Strategy | None):
+        self.strategy = strategy
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.train_module: nn.Module | None = None
+        self.device_tables: dict = {}
+
+    def __deepcopy__(self, memo: dict) -> Runtime:
+        return self
+
+
 class Model(nn.Module):
     """A trainable model: wrap any ``nn.Module``, or subclass and define ``forward``.
 
@@ -51,11 +66,10 @@ class Model(nn.Module):
         self.input_spec = _as_specs(input_spec)
         self.loss: Loss | None = None
         self.compiled_metrics: list[Metric] = []
-        self.optimizer: torch.optim.Optimizer | None = None
         self.epoch = 0
         self.step = 0
         self.jit_compile: bool | str = "auto"
-        self._strategy: Strategy | None = get_strategy() if has_strategy() else None
+        self.runtime = Runtime(get_strategy() if has_strategy() else None)
         self.register_forward_pre_hook(_check_or_record_inputs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -73,7 +87,17 @@ class Model(nn.Module):
     @property
     def distribute_strategy(self) -> Strategy:
         """The strategy this model runs under: the one in scope when built, compiled or loaded."""
-        return self._strategy or get_strategy()
+        return self.runtime.strategy or get_strategy()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer ``compile`` built (None before)."""
+        return self.runtime.optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.runtime.optimizer = optimizer
+        self.runtime.train_module = None
 
     # -- compile ------------------------------------------------------------------------
     def compile(self, optimizer: OptimizerLike = "rmsprop",
@@ -102,12 +126,11 @@ class Model(nn.Module):
             raise ValueError(f"Expected jit_compile=True, False or 'auto'. Received: {jit_compile!r}.")
         self.jit_compile = jit_compile
         if has_strategy():
-            self._strategy = get_strategy()
+            self.runtime.strategy = get_strategy()
         self.to(self.distribute_strategy.device)
         self.loss = resolve_loss(loss)
         self.compiled_metrics = [resolve_metric(m, self.loss) for m in (metrics or [])]
         self.optimizer = build_optimizer(optimizer, self)
-        self.__dict__.pop("_train_module", None)
 
     @property
     def compiled(self) -> bool:
@@ -180,9 +203,9 @@ class Model(nn.Module):
 
     def train_module(self) -> nn.Module:
         """The module a training step calls: this model, or its data-parallel wrapper."""
-        if "_train_module" not in self.__dict__:
-            self.__dict__["_train_module"] = self.distribute_strategy.prepare_for_training(self)
-        return self.__dict__["_train_module"]
+        if self.runtime.train_module is None:
+            self.runtime.train_module = self.distribute_strategy.prepare_for_training(self)
+        return self.runtime.train_module
 
 
 def _check_or_record_inputs(model: Model, args: tuple) -> None:
