@@ -19,16 +19,6 @@ def data(small_train):
     return small_train.take(4)
 
 
-@pytest.fixture
-def model():
-    return tiny_model(input_spec=distsave.TensorSpec((None, 1, 28, 28)))
-
-
-@pytest.fixture(autouse=True)
-def no_programs(monkeypatch):
-    monkeypatch.setattr(distsave.saving.model_format, "_export_serving",
-                        lambda *args: distsave.saving.signatures.ExportedSignatures({}))
-
 
 def test_model_checkpoint_formats_epoch_and_logged_values_into_the_path(tmp_path, model, data):
     history = model.fit(data, epochs=2, validation_data=data, verbose=0, callbacks=[

@@ -15,17 +15,6 @@ from distsave.saving.checkpoint_manager import INDEX
 from distsave.saving.manifest import read_manifest
 
 
-@pytest.fixture
-def model():
-    return tiny_model(input_spec=distsave.TensorSpec((None, 1, 28, 28)))
-
-
-@pytest.fixture(autouse=True)
-def no_programs(monkeypatch):
-    """The serving program is the model_format tests' business; skip its export here."""
-    monkeypatch.setattr(distsave.saving.model_format, "_export_serving",
-                        lambda *args: distsave.saving.signatures.ExportedSignatures({}))
-
 
 def _steps(manager):
     return [c.step for c in manager.checkpoints]

@@ -8,7 +8,6 @@ import shutil
 import time
 
 import pytest
-import torch
 from torch import nn
 
 from tests.conftest import rewrite_manifest, tiny_model
