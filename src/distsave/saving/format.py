@@ -73,7 +73,8 @@ def check_signature_name(name: Any, error: type[Exception] = SaveError) -> str:
 
 
 def signature_file(name: str) -> str:
-    return f"{SIGNATURES_DIR}/{check_signature_name(name)}.json"
+    """Where signature ``name`` (already checked by `check_signature_name`) keeps its program."""
+    return f"{SIGNATURES_DIR}/{name}.json"
 
 
 def single_file(stem: str) -> str:
