@@ -18,6 +18,7 @@ def test_inspect_shows_architecture_parameters_and_training_state(trained, tmp_p
     assert "parameters: 347,146" in out
     assert "torch.nn.Conv2d(in_channels=1, out_channels=32, kernel_size=(3, 3), stride=(1, 1)" in out
     assert "training state: epoch 1, step 16" in out
+    assert "4 (Linear)" in out and "(None, 64)" in out and "Total params: 347,146" in out  # summary
     assert "loss=SparseCategoricalCrossentropy optimizer=Adam" in out
     assert "serving_default(x: float32[None, 1, 28, 28]) -> {output_0}" in out
     assert "model.safetensors" in out and "0.weight" in out

@@ -87,6 +87,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if manifest.get("architecture"):
         print("architecture:")
         print("\n".join(_architecture_lines(manifest["architecture"])))
+        print(_summary(manifest))
     if manifest.get("compile"):
         print("compile: " + _compile_line(manifest["compile"]))
     if manifest.get("training_state"):
@@ -101,6 +102,23 @@ def _inspect(args: argparse.Namespace) -> int:
         ins = ", ".join(f"{s.get('name', 'x')}: {s['dtype']}{s['shape']}" for s in entry["inputs"])
         print(f"  {name}({ins}) -> {{{', '.join(entry['outputs'])}}}")
     return 0
+
+
+def _summary(manifest: dict[str, Any]) -> str:
+    """The Keras-style summary of the architecture, built on ``meta`` (nothing allocated)."""
+    import torch
+
+    from .saving.architecture import build_module
+    from .training.specs import TensorSpec
+    from .training.summary import format_summary
+
+    try:
+        specs = [TensorSpec.from_json(s) for s in manifest.get("input_spec") or []]
+        with torch.device("meta"):
+            module = build_module(manifest["architecture"])
+            return format_summary(module, specs or None)
+    except Exception as error:  # display only: say why, never fail the inspection
+        return f"summary: not available here ({type(error).__name__}: {str(error)[:200]})"
 
 
 def _compile_line(config: dict[str, Any]) -> str:

@@ -55,8 +55,7 @@ def materialize(model: nn.Module, specs: list[TensorSpec] | None) -> None:
     device = lazy[0].device
     was_training = model.training
     with torch.no_grad():
-        model.eval()(*[torch.zeros([2 if d is None else d for d in s.shape], dtype=s.torch_dtype,
-                                   device=device) for s in specs])
+        model.eval()(*[s.example(2, device) for s in specs])
     model.train(was_training)
 
 

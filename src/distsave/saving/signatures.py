@@ -148,7 +148,7 @@ def _prepare(obj: nn.Module, name: str, sig: Signature) -> tuple[dict, dict, dic
 def _export_signature(root: nn.Module, prefix: str, name: str,
                       sig: Signature) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     device = next(iter(root.state_dict().values()), torch.empty(0)).device
-    examples = tuple(s.example(2).to(device) for s in sig.input_spec)
+    examples = tuple(s.example(2, device) for s in sig.input_spec)
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({i: (batch if i == 0 else torch.export.Dim(f"{s.name}_dim{i}", min=1))
                      for i, d in enumerate(s.shape) if d is None} for s in sig.input_spec)

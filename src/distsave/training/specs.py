@@ -48,9 +48,11 @@ class TensorSpec:
         dims = ", ".join("None" if d is None else str(d) for d in self.shape)
         return f"{self.name}: {self.dtype}[{dims}]"
 
-    def example(self, batch: int = 2) -> torch.Tensor:
-        """A zero tensor of this spec, with ``batch`` for every open dimension."""
-        return torch.zeros([batch if d is None else d for d in self.shape], dtype=self.torch_dtype)
+    def example(self, batch: int = 2, device: torch.device | str | None = None) -> torch.Tensor:
+        """A zero tensor of this spec, with ``batch`` for every open dimension (on ``meta``, a
+        shape without memory)."""
+        return torch.zeros([batch if d is None else d for d in self.shape], dtype=self.torch_dtype,
+                           device=device)
 
     def to_json(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "dtype": self.dtype, "name": self.name}

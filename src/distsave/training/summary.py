@@ -63,7 +63,7 @@ def _output_shapes(module: nn.Module, layers: list[tuple[str, nn.Module]],
                  for name, m in layers]
         try:
             with torch.no_grad():
-                module.eval()(*[s.example(batch).to(device) for s in specs])
+                module.eval()(*[s.example(batch, device) for s in specs])
         finally:
             for hook in hooks:
                 hook.remove()
