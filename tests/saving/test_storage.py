@@ -110,3 +110,13 @@ def test_download_then_load_still_verifies_checksums(tmp_path, url):
     fs.pipe_file(f"{root}/model.safetensors", bytes(data))
     with download_artifact(url) as local, pytest.raises(ArtifactError, match="sha256 does not match"):
         distsave.saved_model.load(local)
+
+
+def test_both_apis_save_to_and_load_from_a_url(url):
+    model = tiny_model(input_spec=distsave.TensorSpec((None, 1, 28, 28)))
+    x = torch.rand(3, 1, 28, 28)
+    model.save(f"{url}/model")
+    assert torch.equal(distsave.load_model(f"{url}/model").predict(x), model.predict(x))
+    distsave.saved_model.save(model, f"{url}/exported")
+    outputs = distsave.saved_model.load(f"{url}/exported").signatures["serving_default"](x)
+    assert torch.equal(outputs["output_0"], model.predict(x))
