@@ -54,7 +54,8 @@ def test_a_background_failure_surfaces_on_the_next_save(tmp_path):
 
 def test_interpreter_exit_waits_for_a_save_in_flight(tmp_path):
     code = ("import distsave, torch; from torch import nn;"
-            "m = distsave.Sequential([nn.Linear(512, 512)] * 4, input_spec=distsave.TensorSpec((None, 512)));"
+            "m = distsave.Sequential([nn.Linear(2048, 2048), nn.Linear(2048, 2048)],"
+            " input_spec=distsave.TensorSpec((None, 2048)));"  # 32 MiB: several chunks, several threads
             f"m.save({str(tmp_path / 'm')!r}, blocking=False)")
     run_python(["-c", code], timeout=120)
     read_manifest(tmp_path / "m")

@@ -21,7 +21,7 @@ from .errors import SaveError
 from .format import (DEFAULT_MAX_SHARD_BYTES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, index_file,
                      shard_file, single_file)
 from .snapshot import Snapshot, canonical_manifest_bytes
-from .tensor_io import FileRecord, chunk_digests, write_safetensors
+from .tensor_io import FileRecord, chunk_digests, run_parallel, write_safetensors
 
 __all__ = ["ArtifactWriter", "read_manifest", "seal_manifest"]
 
@@ -86,6 +86,13 @@ class ArtifactWriter:
             self.write_json(index_file(stem), {"metadata": {"total_size": total}, "weight_map": weight_map})
             names.append(index_file(stem))
         return names
+
+    def write_tensor_sets(self, sets: dict[str, dict[str, torch.Tensor]],
+                          max_shard_bytes: int | None = None) -> None:
+        """Write several stems (weights, optimizer state) at once: their files are written and
+        flushed to disk in parallel, which a single file's fsync cannot do."""
+        jobs = [(stem, tensors) for stem, tensors in sets.items() if tensors]
+        run_parallel(lambda job: self.write_tensors(*job, max_shard_bytes), jobs, workers=len(jobs))
 
     def finish(self, content: dict[str, Any]) -> dict[str, Any]:
         """Write ``manifest.json`` (format, versions, ``content``, every file's checksums)."""

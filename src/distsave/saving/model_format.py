@@ -113,9 +113,7 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     }
 
     def write(writer: ArtifactWriter) -> dict[str, Any]:
-        writer.write_tensors(WEIGHTS, weights, max_shard_size)
-        if state_tensors:
-            writer.write_tensors(OPTIMIZER, state_tensors, max_shard_size)
+        writer.write_tensor_sets({WEIGHTS: weights, OPTIMIZER: state_tensors}, max_shard_size)
         return {**content, "signatures": signatures.write(writer)}
 
     if not blocking:

@@ -17,7 +17,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from dataclasses import dataclass, field
 
 import torch
@@ -196,7 +196,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor])
             return digest.hexdigest()
 
         jobs = list(_chunks(pieces, HASH_CHUNK_BYTES))
-        digests = _run(write_chunk, jobs)
+        digests = run_parallel(write_chunk, jobs)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -230,11 +230,38 @@ def _write_fully(fd: int, views: list[memoryview], offset: int) -> None:
         written += step
 
 
-def _run(work, jobs: list) -> list:
+def run_parallel(work: Callable[[Any], Any], jobs: list, workers: int = _WORKERS) -> list:
+    """``[work(job) for job in jobs]`` on up to ``workers`` threads; the first error is raised.
+
+    Plain threads, not an executor: a background save that runs while the interpreter exits
+    must still be able to start them (executors refuse new work at shutdown).
+    """
     if len(jobs) <= 1:
         return [work(job) for job in jobs]
-    with ThreadPoolExecutor(min(_WORKERS, len(jobs))) as pool:
-        return list(pool.map(work, jobs))
+    results: list = [None] * len(jobs)
+    errors: list[BaseException] = []
+    pending = iter(enumerate(jobs))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while not errors:
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                results[item[0]] = work(item[1])
+            except BaseException as error:  # handed to the caller below
+                errors.append(error)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(workers, len(jobs)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -379,7 +406,7 @@ def read_into(file: TensorFile, destinations: dict[str, torch.Tensor],
         return index < len(digests) and digest.hexdigest() == digests[index]
 
     jobs = list(_chunks(pieces, chunk))
-    return [index for (index, _), ok in zip(jobs, _run(read_chunk, jobs)) if not ok]
+    return [index for (index, _), ok in zip(jobs, run_parallel(read_chunk, jobs)) if not ok]
 
 
 def _contiguous_reads(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
