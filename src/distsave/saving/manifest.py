@@ -91,8 +91,8 @@ class ArtifactWriter:
                           max_shard_bytes: int | None = None) -> None:
         """Write several stems (weights, optimizer state) at once: their files are written and
         flushed to disk in parallel, which a single file's fsync cannot do."""
-        jobs = [(stem, tensors) for stem, tensors in sets.items() if tensors]
-        run_parallel(lambda job: self.write_tensors(*job, max_shard_bytes), jobs, workers=len(jobs))
+        run_parallel(lambda job: self.write_tensors(*job, max_shard_bytes), list(sets.items()),
+                     workers=len(sets))
 
     def finish(self, content: dict[str, Any]) -> dict[str, Any]:
         """Write ``manifest.json`` (format, versions, ``content``, every file's checksums)."""

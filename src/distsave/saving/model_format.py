@@ -113,7 +113,8 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     }
 
     def write(writer: ArtifactWriter) -> dict[str, Any]:
-        writer.write_tensor_sets({WEIGHTS: weights, OPTIMIZER: state_tensors}, max_shard_size)
+        optimizer_set = {OPTIMIZER: state_tensors} if state_tensors else {}
+        writer.write_tensor_sets({WEIGHTS: weights, **optimizer_set}, max_shard_size)
         return {**content, "signatures": signatures.write(writer)}
 
     if not blocking:
