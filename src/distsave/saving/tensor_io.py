@@ -17,16 +17,16 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
-__all__ = ["DTYPES", "FileRecord", "TensorEntry", "TensorFile", "write_safetensors",
-           "parse_header", "read_into"]
+__all__ = ["DTYPES", "FileRecord", "TensorEntry", "TensorFile", "chunk_digests", "parse_header",
+           "read_into", "run_parallel", "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
