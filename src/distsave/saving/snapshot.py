@@ -73,6 +73,7 @@ class Snapshot:
         self._files = files  # name -> (fd, size)
         self._verified: set[str] = set()
         self._headers: dict[str, TensorFile] = {}
+        self._stems: dict[str, tuple[list[str], dict[str, TensorEntry]]] = {}  # stem -> files, entries
         self._chunk = HASH_CHUNK_BYTES if manifest["format_version"] >= 2 else None
 
     # -- opening --------------------------------------------------------------------------
@@ -135,8 +136,7 @@ class Snapshot:
                 if any(p.endswith(": missing") for p in problems) and _replaced(root, dir_fd):
                     raise _Retry
                 problems += snapshot._content_problems(skip={p.split(":")[0] for p in problems})
-                raise ArtifactError(f"Artifact '{root}' failed validation:\n  - " + "\n  - ".join(problems)
-                                    + "\nRe-save the model, or restore the artifact from a good copy.")
+                raise _failed(root, problems)
             return snapshot
         except BaseException:
             for fd, _ in files.values():
@@ -200,8 +200,13 @@ class Snapshot:
 
     def tensor_files(self, stem: str) -> dict[str, TensorEntry]:
         """Every tensor stored under ``stem`` (one file or shards), by name, headers checked."""
+        if stem not in self._stems:
+            self._stems[stem] = self._stem_files(stem)
+        return dict(self._stems[stem][1])
+
+    def _stem_files(self, stem: str) -> tuple[list[str], dict[str, TensorEntry]]:
         if self.has(single_file(stem)):
-            return dict(self._header(single_file(stem)).entries)
+            return [single_file(stem)], dict(self._header(single_file(stem)).entries)
         index = index_file(stem)
         if not self.has(index):
             raise ArtifactError(f"'{self.root}' has neither {single_file(stem)} nor {index}.")
@@ -224,7 +229,7 @@ class Snapshot:
         if set(entries) != set(weight_map):
             missing = sorted(set(weight_map) - set(entries))[:5]
             raise ArtifactError(f"{self.root / index} lists tensors no shard holds: {missing}.")
-        return entries
+        return shards, entries
 
     def _header(self, name: str) -> TensorFile:
         if name not in self._headers:
@@ -234,25 +239,18 @@ class Snapshot:
 
     def file_of(self, stem: str, entry_name: str) -> str:
         """The file (single or shard) that holds tensor ``entry_name`` of ``stem``."""
-        for name, header in self._headers.items():
-            if name.startswith(stem) and entry_name in header.entries:
-                return name
-        raise KeyError(entry_name)
+        self.tensor_files(stem)
+        return next(name for name in self._stems[stem][0] if entry_name in self._headers[name].entries)
 
     def read_tensors(self, stem: str, destinations: dict[str, torch.Tensor]) -> None:
         """Fill ``destinations`` (one per tensor under ``stem``, matching dtype and shape,
         contiguous, on any device) from the files, verifying every chunk's checksum."""
-        entries = self.tensor_files(stem)
-        if set(destinations) != set(entries):
+        if set(destinations) != set(self.tensor_files(stem)):
             raise ValueError("destinations must name every stored tensor")
-        by_file: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in destinations.items():
-            by_file.setdefault(self.file_of(stem, key), {})[key] = tensor
-        for name in sorted(self._headers):
-            if not name.startswith(stem):
-                continue
+        for name in self._stems[stem][0]:
+            header = self._headers[name]
             digests, chunk = self._digests(name)
-            bad = read_into(self._header(name), by_file.get(name, {}), digests, chunk)
+            bad = read_into(header, {key: destinations[key] for key in header.entries}, digests, chunk)
             if bad:
                 raise self._changed(name, bad)
             self._verified.add(name)
@@ -274,16 +272,14 @@ class Snapshot:
         except Exception as error:  # re-raised unless damage explains it
             problems = self._content_problems(skip=self._verified)
             if problems:
-                raise ArtifactError(f"Artifact '{self.root}' failed validation:\n  - " + "\n  - ".join(problems)
-                                    + "\nRe-save the model, or restore the artifact from a good copy.") from error
+                raise _failed(self.root, problems) from error
             raise
 
     def verify_remaining(self) -> None:
         """Check the checksums of every file not read yet (so a load checks the whole artifact)."""
         problems = self._content_problems(skip=self._verified)
         if problems:
-            raise ArtifactError(f"Artifact '{self.root}' failed validation:\n  - " + "\n  - ".join(problems)
-                                + "\nRe-save the model, or restore the artifact from a good copy.")
+            raise _failed(self.root, problems)
 
     def _content_problems(self, skip: set[str]) -> list[str]:
         problems = []
@@ -301,9 +297,8 @@ class Snapshot:
         return problems
 
     def _changed(self, name: str, chunks: list[int]) -> ArtifactError:
-        return ArtifactError(f"Artifact '{self.root}' failed validation:\n  - {name}: content changed "
-                             f"(sha256 does not match the manifest, in chunk(s) {chunks[:5]})\nRe-save the "
-                             "model, or restore the artifact from a good copy.")
+        return _failed(self.root, [f"{name}: content changed (sha256 does not match the manifest, "
+                                   f"in chunk(s) {chunks[:5]})"])
 
     def close(self) -> None:
         for fd, _ in self._files.values():
@@ -315,6 +310,11 @@ class Snapshot:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _failed(root: Path, problems: list[str]) -> ArtifactError:
+    return ArtifactError(f"Artifact '{root}' failed validation:\n  - " + "\n  - ".join(problems)
+                         + "\nRe-save the model, or restore the artifact from a good copy.")
 
 
 class _Missing(Exception):
