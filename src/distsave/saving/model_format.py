@@ -112,14 +112,14 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
         "tied_parameters": _tied_parameters(model),
     }
 
+    tensor_sets = {WEIGHTS: weights, **({OPTIMIZER: state_tensors} if state_tensors else {})}
+
     def write(writer: ArtifactWriter) -> dict[str, Any]:
-        optimizer_set = {OPTIMIZER: state_tensors} if state_tensors else {}
-        writer.write_tensor_sets({WEIGHTS: weights, **optimizer_set}, max_shard_size)
         return {**content, "signatures": signatures.write(writer)}
 
     if not blocking:
-        return write_artifact_in_background(strategy, path, write)
-    write_artifact(strategy, path, write)
+        return write_artifact_in_background(strategy, path, write, tensor_sets, max_shard_size)
+    write_artifact(strategy, path, write, tensor_sets, max_shard_size)
     return SaveHandle(os.fspath(path))
 
 

@@ -26,8 +26,9 @@ import torch
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
-__all__ = ["DTYPES", "FileRecord", "Segment", "TensorEntry", "TensorFile", "chunk_digests", "layout",
-           "parse_header", "read_into", "run_parallel", "write_pieces", "write_safetensors"]
+__all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "chunk_digests",
+           "flat_bytes", "layout", "parse_header", "read_into", "run_parallel", "write_pieces",
+           "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -75,13 +76,13 @@ def chunk_digests(data: bytes | memoryview) -> FileRecord:
     return FileRecord(len(view), digests)
 
 
-def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's storage as a flat uint8 tensor (same memory)."""
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 @dataclass
-class _Piece:
+class Piece:
     """``length`` bytes at file ``offset``, from/to ``source`` (flat uint8 tensor or bytes) at ``at``."""
 
     offset: int
@@ -90,7 +91,7 @@ class _Piece:
     at: int
 
 
-def _chunks(pieces: list[_Piece], starts: list[int]) -> Iterator[tuple[int, list[_Piece]]]:
+def _chunks(pieces: list[Piece], starts: list[int]) -> Iterator[tuple[int, list[Piece]]]:
     """Split file-ordered pieces at the chunk boundaries ``starts``: (chunk index, its pieces)."""
     index, current = -1, []
     for piece in pieces:
@@ -103,16 +104,16 @@ def _chunks(pieces: list[_Piece], starts: list[int]) -> Iterator[tuple[int, list
                 if current:
                     yield index, current
                 index, current = i, []
-            current.append(_Piece(offset, take, piece.source, at))
+            current.append(Piece(offset, take, piece.source, at))
             offset, at, remaining = offset + take, at + take, remaining - take
     if current:
         yield index, current
 
 
-def _segments(pieces: list[_Piece], chunk: int) -> Iterator[list[_Piece]]:
+def _segments(pieces: list[Piece], chunk: int) -> Iterator[list[Piece]]:
     """Group file-ordered pieces into hashed segments: contiguous runs, cut at the ``chunk`` grid
     (a writer that holds whole chunks thus hashes exactly the grid's chunks)."""
-    current: list[_Piece] = []
+    current: list[Piece] = []
     for piece in pieces:
         offset, at, remaining = piece.offset, piece.at, piece.length
         while remaining:
@@ -120,7 +121,7 @@ def _segments(pieces: list[_Piece], chunk: int) -> Iterator[list[_Piece]]:
             if current and (current[-1].offset + current[-1].length != offset or offset % chunk == 0):
                 yield current
                 current = []
-            current.append(_Piece(offset, take, piece.source, at))
+            current.append(Piece(offset, take, piece.source, at))
             offset, at, remaining = offset + take, at + take, remaining - take
     if current:
         yield current
@@ -147,7 +148,7 @@ class _PinnedPool:
             self._free.append(staging)
 
 
-def _host_views(pieces: list[_Piece], pool: _PinnedPool | None) -> tuple[list[memoryview], tuple | None]:
+def _host_views(pieces: list[Piece], pool: _PinnedPool | None) -> tuple[list[memoryview], tuple | None]:
     """Host memory for each piece: bytes and CPU tensors as they are, device tensors through
     one pinned buffer (returned, to give back to the pool once written)."""
     staging, used, places = None, 0, []
@@ -208,8 +209,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor])
     """
     tensors = {name: _for_storage(t) for name, t in tensors.items()}
     header, offsets = layout({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
-    pieces = [_Piece(0, len(header), header, 0)]
-    pieces += [_Piece(offsets[name], t.numel() * t.element_size(), _flat_bytes(t), 0)
+    pieces = [Piece(0, len(header), header, 0)]
+    pieces += [Piece(offsets[name], t.numel() * t.element_size(), flat_bytes(t), 0)
                for name, t in sorted(tensors.items(), key=lambda item: offsets[item[0]]) if t.numel()]
     size = len(header) + sum(p.length for p in pieces[1:])
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -222,13 +223,13 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor])
     return FileRecord(size, [segment.sha256 for segment in segments])
 
 
-def write_pieces(fd: int, pieces: list[_Piece]) -> list[Segment]:
+def write_pieces(fd: int, pieces: list[Piece]) -> list[Segment]:
     """Write file-ordered, non-overlapping pieces at their offsets with parallel threads, hashing
     each segment (a contiguous run of pieces, cut at the `HASH_CHUNK_BYTES` grid) as it goes."""
     devices = {p.source.device for p in pieces if not isinstance(p.source, bytes) and p.source.device.type != "cpu"}
     pool = _PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
 
-    def write_segment(segment: list[_Piece]) -> Segment:
+    def write_segment(segment: list[Piece]) -> Segment:
         views, staging = _host_views(segment, pool)
         digest = hashlib.sha256()
         for view in views:
@@ -410,15 +411,15 @@ def read_into(file: TensorFile, wanted: dict[str, tuple[torch.Tensor, int]],
     Returns:
         The indices of chunks read whose sha256 differs from ``digests`` (empty when intact).
     """
-    pieces = [_Piece(0, len(file.header), file.header, 0)]
+    pieces = [Piece(0, len(file.header), file.header, 0)]
     for name, (destination, first) in sorted(wanted.items(), key=lambda item: file.entries[item[0]].start + item[1][1]):
-        flat = _flat_bytes(destination)
+        flat = flat_bytes(destination)
         if flat.numel():
-            pieces.append(_Piece(file.entries[name].start + first, flat.numel(), flat, 0))
+            pieces.append(Piece(file.entries[name].start + first, flat.numel(), flat, 0))
     devices = {p.source.device for p in pieces if not isinstance(p.source, bytes) and p.source.device.type != "cpu"}
     pool = _PinnedPool(next(iter(devices)), max(b - a for a, b in zip(starts, starts[1:] + [file.size]))) if devices else None
 
-    def read_chunk(job: tuple[int, list[_Piece]]) -> bool:
+    def read_chunk(job: tuple[int, list[Piece]]) -> bool:
         index, chunk_pieces = job
         end = starts[index + 1] if index + 1 < len(starts) else file.size
         chunk_pieces = _fill_gaps(chunk_pieces, starts[index], end)
@@ -460,22 +461,22 @@ def read_into(file: TensorFile, wanted: dict[str, tuple[torch.Tensor, int]],
     return [index for (index, _), ok in zip(jobs, run_parallel(read_chunk, jobs)) if not ok]
 
 
-def _fill_gaps(pieces: list[_Piece], start: int, end: int) -> list[_Piece]:
+def _fill_gaps(pieces: list[Piece], start: int, end: int) -> list[Piece]:
     """The chunk ``[start, end)`` covered whole: ``pieces`` plus scratch buffers for the bytes
     between them (bytes this reader does not keep but must hash)."""
     covered, position = [], start
-    for p in pieces + [_Piece(end, 0, b"", 0)]:
+    for p in pieces + [Piece(end, 0, b"", 0)]:
         if p.offset > position:
-            covered.append(_Piece(position, p.offset - position, torch.empty(p.offset - position, dtype=torch.uint8), 0))
+            covered.append(Piece(position, p.offset - position, torch.empty(p.offset - position, dtype=torch.uint8), 0))
         if p.length:
             covered.append(p)
         position = p.offset + p.length
     return covered
 
 
-def _contiguous_reads(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
+def _contiguous_reads(pieces: list[Piece]) -> Iterator[list[Piece]]:
     """Group a chunk's pieces into runs read by one ``preadv`` (header bytes stay apart)."""
-    group: list[_Piece] = []
+    group: list[Piece] = []
     for p in pieces:
         if group and (isinstance(p.source, bytes) != isinstance(group[0].source, bytes)
                       or len(group) == _IOV_MAX):

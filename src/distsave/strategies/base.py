@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -119,6 +120,17 @@ class Strategy:
     def broadcast_object(self, obj: Any) -> Any:
         """The chief's ``obj`` on every replica (JSON-able values)."""
         return obj
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every replica's JSON-able ``obj``, in replica order (sent as UTF-8 JSON, never pickled)."""
+        payload = json.dumps(obj).encode()
+        lengths = self._all_gather(torch.tensor([len(payload)], device=self.device), 0).tolist()
+        data = self._all_gather(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device), 0)
+        data, parts, start = bytes(data.cpu().numpy()), [], 0
+        for length in lengths:
+            parts.append(json.loads(data[start:start + length]))
+            start += length
+        return parts
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over replicas (returns a new tensor)."""
