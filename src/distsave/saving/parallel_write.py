@@ -12,7 +12,6 @@ grid chunks (the replicated case) the files and records equal a single writer's,
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from .errors import SaveError
 from .format import HASH_CHUNK_BYTES
 from .manifest import FilePlan, plan_stem
+from .slices import local_slice
 from .tensor_io import FileRecord, flat_bytes, Piece, run_parallel, write_pieces
 
 __all__ = ["HeldBytes", "Plan", "held_bytes", "merge_records", "plan_sets", "write_held"]
@@ -41,30 +41,10 @@ class HeldBytes:
 
 
 def held_bytes(name: str, tensor: torch.Tensor) -> HeldBytes:
-    """This process's part of ``tensor``: a DTensor's local rows (sharded on dim 0 over a 1-D
-    mesh) or replicated value, or a plain tensor (replicated).
-
-    Raises:
-        SaveError: a DTensor placement other than ``Shard(0)`` or ``Replicate`` on a 1-D mesh.
-    """
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(tensor, DTensor):
-        local = tensor.detach().contiguous()
-        return HeldBytes(local.dtype, tuple(local.shape), flat_bytes(local), 0, True)
-    placements = tensor.placements
-    local = tensor.to_local().detach().contiguous()
-    if all(p.is_replicate() for p in placements):
-        return HeldBytes(local.dtype, tuple(tensor.shape), flat_bytes(local), 0, True)
-    if len(placements) != 1 or not placements[0].is_shard(0):
-        raise SaveError(f"Tensor {name!r} is a DTensor placed as {placements}; saving supports rows "
-                        "sharded on one mesh dimension (Shard(0), as ShardedStrategy places them) "
-                        "or replicated tensors. Redistribute it before saving.")
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, placements)
-    row_bytes = math.prod(tensor.shape[1:]) * tensor.dtype.itemsize
-    return HeldBytes(local.dtype, tuple(tensor.shape), flat_bytes(local), offset[0] * row_bytes, False)
+    """This process's part of ``tensor`` (see `local_slice`), as contiguous flat bytes."""
+    local, first, replicated = local_slice(name, tensor)
+    local = local.contiguous()
+    return HeldBytes(local.dtype, tuple(tensor.shape), flat_bytes(local), first, replicated)
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,11 @@ class Strategy:
         """The module that training steps call: the module itself or a data-parallel wrapper."""
         return module
 
+    def apply_sharding(self, module: nn.Module) -> nn.Module:
+        """Place a freshly built model's parameters as this strategy keeps them (in place; used
+        on the ``meta`` device before loading): sharded under `ShardedStrategy`, else as they are."""
+        return module
+
     def describe(self) -> dict[str, Any]:
         """A JSON description of this strategy, recorded in artifacts for information."""
         return {"class": type(self).__name__, "num_replicas": self.num_replicas_in_sync,
