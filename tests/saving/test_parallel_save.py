@@ -7,6 +7,9 @@ single writer makes of the same model.
 
 import json
 
+import torch
+from torch import nn
+
 import distsave
 from tests.conftest import run_script
 
@@ -27,3 +30,19 @@ def test_two_replicas_write_disjoint_parts_of_the_single_writer_artifact(tmp_pat
     data_bytes = sum(files_alone[name]["bytes"] for name in tensor_files if name.endswith(".safetensors"))
     assert min(written) > 0, f"one replica wrote nothing: {written}"
     assert sum(written) == data_bytes  # every byte written once, by one replica
+
+
+def test_a_replica_killed_while_writing_fails_the_save_and_keeps_the_previous_artifact(tmp_path, monkeypatch):
+    monkeypatch.setattr("distsave.saving.format.HASH_CHUNK_BYTES", 4096)
+    artifact = tmp_path / "m"
+    result = run_script("replica_dies_mid_save.py", str(artifact), timeout=300, check=False)
+    assert result.returncode != 0
+    assert "SAVE FAILED: SaveError" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert "replica(s) [1] stopped responding" in result.stdout
+    assert "previous artifact is intact" in result.stdout
+    torch.manual_seed(0)
+    first = distsave.Sequential([nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)])
+    loaded = distsave.load_model(artifact)
+    for key, value in first.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder left behind

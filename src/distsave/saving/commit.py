@@ -121,11 +121,16 @@ def _write_together(strategy: Strategy, path: str | os.PathLike, write: Callable
             if shared or strategy.is_chief:
                 try:
                     report = write_held(staging, plan, held, rank, world) if shared else write_held(staging, plan, held, 0, 1)
+                    if shared:
+                        _written_marker(staging, rank).touch()
                 except Exception as error:  # told to every replica below
                     failure = error
-            reports = _exchange(strategy, path, report, failure)
+            reports = _exchange(strategy, path, report, failure,
+                                lambda: [r for r in range(world) if not _written_marker(staging, r).exists()])
             finishing = True
             if strategy.is_chief:
+                for r in range(world):
+                    _written_marker(staging, r).unlink(missing_ok=True)
                 writer = ArtifactWriter(staging)
                 writer.files.update(merge_records(plan, reports))
                 for stem, index in plan.indexes.items():
@@ -138,15 +143,24 @@ def _write_together(strategy: Strategy, path: str | os.PathLike, write: Callable
     _exchange(strategy, path, None, failure)
 
 
-def _exchange(strategy: Strategy, path: str | os.PathLike, value: Any, failure: BaseException | None) -> list[Any]:
+def _written_marker(staging: Path, rank: int) -> Path:
+    """The empty file a replica leaves in the staging folder once its bytes are on disk, so the
+    others can name a replica that stopped before it finished."""
+    return staging / f".written-by-replica-{rank}"
+
+
+def _exchange(strategy: Strategy, path: str | os.PathLike, value: Any, failure: BaseException | None,
+              stopped: Callable[[], list[int]] | None = None) -> list[Any]:
     """Every replica's ``value``; raises `SaveError` on all if any replica reports a failure or
-    stops responding."""
+    stops responding (naming it, when ``stopped`` can tell)."""
     mine = {"error": f"{type(failure).__name__}: {failure}"} if failure is not None else {"value": value}
     try:
         everyone = strategy.all_gather_object(mine)
     except RuntimeError as error:  # a replica died: the collective breaks or times out
-        raise SaveError(f"The save to '{path}' stopped: a replica stopped responding ({error}). "
-                        "The previous artifact is intact; find why that replica stopped.") from error
+        who = f"replica(s) {stopped()}" if stopped is not None else "a replica"
+        raise SaveError(f"The save to '{path}' stopped: {who} stopped responding before finishing its "
+                        f"part ({error}). The previous artifact is intact; see that replica's log "
+                        "for why it stopped.") from error
     failed = [f"replica {r}: {entry['error']}" for r, entry in enumerate(everyone) if "error" in entry]
     if failed:
         raise SaveError(f"Could not save '{path}': " + "; ".join(failed) + ". The previous artifact is "
