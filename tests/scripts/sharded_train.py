@@ -1,0 +1,133 @@
+"""Train one small model under ShardedStrategy xN and under MirroredStrategy xN (same process
+group, same data, same shuffling) and write a report per replica for the tests to compare.
+
+Usage: sharded_train.py REPLICAS REPORT_PREFIX [--extras]. ``--extras`` also trains under
+bf16 mixed precision and shards a model too big for this machine (built on ``meta``).
+Each replica seeds its own initial weights differently: equal results mean replica 0's weights
+reached every replica.
+"""
+
+import json
+import random
+import sys
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+import distsave
+
+replicas, prefix, extras = int(sys.argv[1]), sys.argv[2], "--extras" in sys.argv[3:]
+sharded = distsave.ShardedStrategy(devices=["cpu"] * replicas)
+mirrored = distsave.MirroredStrategy(devices=["cpu"] * replicas)  # joins the same processes
+rank = sharded.replica_id
+
+generator = torch.Generator().manual_seed(0)
+features = torch.randn(161, 8, generator=generator)  # last global batch: 1 example, so
+labels = torch.randint(0, 10, (161,), generator=generator)  # some replicas get none
+
+
+def dataset():
+    """A new pipeline each time: a shuffled dataset reshuffles on every pass, as in tf.data."""
+    return distsave.data.Dataset.from_tensor_slices((features, labels)).shuffle(161).batch(32)
+
+
+class BatchLosses(distsave.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.losses.append(float(logs["loss"]))
+
+
+def network():
+    return [nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 10)]
+
+
+def build(strategy, **compile_args):
+    torch.manual_seed(rank)  # a different start on every replica
+    with strategy.scope():
+        model = distsave.Sequential(network())
+        model.compile(loss="sparse_categorical_crossentropy", optimizer="adam",
+                      metrics=["accuracy"], **compile_args)
+    return model
+
+
+def full_state(model):
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in model.state_dict().items()}
+
+
+def train(strategy, epochs=1):
+    model = build(strategy)
+    initial = full_state(model)
+    random.seed(0)  # the chief draws the shuffling seed from here
+    batches = BatchLosses()
+    history = model.fit(dataset(), epochs=epochs, verbose=0, callbacks=[batches])
+    return model, initial, batches.losses, history.history["loss"]
+
+
+def max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+torch.manual_seed(0)
+chief_initial = nn.Sequential(*network()).state_dict()  # what replica 0 starts from
+m_model, m_initial, m_losses, _ = train(mirrored)
+s_model, s_initial, s_losses, _ = train(sharded)
+s_state, m_state = full_state(s_model), full_state(m_model)
+params = dict(s_model.named_parameters())
+adam = s_model.optimizer.state[params["2.weight"]]
+eval_x = features[:37]
+random.seed(1)
+s_eval = s_model.evaluate(dataset(), verbose=0, return_dict=True)
+random.seed(1)
+m_eval = m_model.evaluate(dataset(), verbose=0, return_dict=True)
+local_x = sharded.shard(eval_x)
+ran = sharded.run(s_model, args=(local_x,))
+with torch.no_grad():
+    expected = m_model(eval_x)
+
+report = {
+    "rank": rank,
+    "initial_diff": max_diff(s_initial, chief_initial),
+    "trained_diff": max_diff(s_state, m_state),
+    "moved": min(float((s_state[k] - s_initial[k]).abs().max()) for k in s_state),
+    "sharded_losses": s_losses, "mirrored_losses": m_losses,
+    "placements": sorted({str(p.placements) for p in s_model.parameters()}),
+    "all_dtensors": all(isinstance(p, DTensor) for p in s_model.parameters()),
+    "optimizer_holds_model_params": all(
+        any(p is q for q in s_model.parameters()) for g in s_model.optimizer.param_groups for p in g["params"]),
+    "local_rows": {n: p.to_local().shape[0] for n, p in params.items()},
+    "global_shapes": {n: list(p.shape) for n, p in params.items()},
+    "adam_state": {k: [type(v).__name__, list(v.to_local().shape) if isinstance(v, DTensor) else list(v.shape)]
+                   for k, v in adam.items()},
+    "evaluate": [s_eval, m_eval],
+    "predict_diff": float((s_model.predict(eval_x, batch_size=8) - expected).abs().max()),
+    "predict_rows": len(s_model.predict(eval_x, batch_size=8)),
+    "run_gather_diff": float((sharded.gather(ran) - expected).abs().max()),
+    "reduce": sharded.reduce("SUM", torch.tensor([rank + 1.0])).tolist(),
+    "describe": sharded.describe(),
+}
+
+if extras:
+    bf16 = distsave.ShardedStrategy(devices=["cpu"] * replicas, mixed_precision="bf16-mixed")
+    b_model, b_initial, b_losses, b_history = train(bf16, epochs=3)
+    report["bf16"] = {
+        "epoch_losses": b_history,
+        "param_dtypes": sorted({str(p.dtype) for p in b_model.parameters()}),
+        "predict_dtype": str(b_model.predict(eval_x).dtype),
+        "moved": min(float((v - b_initial[k]).abs().max()) for k, v in full_state(b_model).items()),
+    }
+    with torch.device("meta"):
+        huge = distsave.Model(nn.Sequential(nn.Linear(2**19, 2**19), nn.Linear(2**19, 2)))  # 1 TiB
+    try:
+        sharded.apply_sharding(huge)
+        report["too_big"] = None
+    except MemoryError as error:
+        report["too_big"] = str(error)
+    report["too_big_still_on_meta"] = all(p.is_meta for p in huge.parameters())
+
+sharded.barrier()
+with open(f"{prefix}.{rank}.json", "w") as f:
+    json.dump(report, f)
