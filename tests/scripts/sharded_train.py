@@ -1,8 +1,9 @@
 """Train one small model under ShardedStrategy xN and under MirroredStrategy xN (same process
 group, same data, same shuffling) and write a report per replica for the tests to compare.
 
-Usage: sharded_train.py REPLICAS REPORT_PREFIX [--extras]. ``--extras`` also trains under
-bf16 mixed precision and shards a model too big for this machine (built on ``meta``).
+Usage: sharded_train.py REPLICAS REPORT_PREFIX [--extras] [--cuda]. ``--extras`` also trains
+under bf16 mixed precision and shards a model too big for this machine (built on ``meta``);
+``--cuda`` puts replica i on cuda:i (NCCL) instead of a CPU (gloo).
 Each replica seeds its own initial weights differently: equal results mean replica 0's weights
 reached every replica.
 """
@@ -17,9 +18,10 @@ from torch.distributed.tensor import DTensor
 
 import distsave
 
-replicas, prefix, extras = int(sys.argv[1]), sys.argv[2], "--extras" in sys.argv[3:]
-sharded = distsave.ShardedStrategy(devices=["cpu"] * replicas)
-mirrored = distsave.MirroredStrategy(devices=["cpu"] * replicas)  # joins the same processes
+replicas, prefix, flags = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+devices = [f"cuda:{i}" for i in range(replicas)] if "--cuda" in flags else ["cpu"] * replicas
+sharded = distsave.ShardedStrategy(devices=devices)
+mirrored = distsave.MirroredStrategy(devices=devices)  # joins the same processes
 rank = sharded.replica_id
 
 generator = torch.Generator().manual_seed(0)
@@ -54,7 +56,7 @@ def build(strategy, **compile_args):
 
 
 def full_state(model):
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to("cpu", copy=True)
             for k, v in model.state_dict().items()}
 
 
@@ -86,7 +88,7 @@ m_eval = m_model.evaluate(dataset(), verbose=0, return_dict=True)
 local_x = sharded.shard(eval_x)
 ran = sharded.run(s_model, args=(local_x,))
 with torch.no_grad():
-    expected = m_model(eval_x)
+    expected = m_model(eval_x.to(mirrored.device))
 
 report = {
     "rank": rank,
@@ -107,18 +109,23 @@ report = {
     "predict_rows": len(s_model.predict(eval_x, batch_size=8)),
     "run_gather_diff": float((sharded.gather(ran) - expected).abs().max()),
     "reduce": sharded.reduce("SUM", torch.tensor([rank + 1.0])).tolist(),
+    "parameter_devices": sorted({str(p.device) for p in s_model.parameters()}),
     "describe": sharded.describe(),
 }
 
-if extras:
-    bf16 = distsave.ShardedStrategy(devices=["cpu"] * replicas, mixed_precision="bf16-mixed")
+if "--extras" in flags:
+    bf16 = distsave.ShardedStrategy(devices=devices, mixed_precision="bf16-mixed")
     b_model, b_initial, b_losses, b_history = train(bf16, epochs=3)
+    compute = []
+    b_model.layers[0].register_forward_hook(lambda layer, args, out: compute.append(str(out.dtype)))
     report["bf16"] = {
         "epoch_losses": b_history,
+        "input_spec": b_model.input_spec[0].dtype,
         "param_dtypes": sorted({str(p.dtype) for p in b_model.parameters()}),
         "predict_dtype": str(b_model.predict(eval_x).dtype),
         "moved": min(float((v - b_initial[k]).abs().max()) for k, v in full_state(b_model).items()),
     }
+    report["bf16"]["compute_dtypes"] = sorted(set(compute))
     with torch.device("meta"):
         huge = distsave.Model(nn.Sequential(nn.Linear(2**19, 2**19), nn.Linear(2**19, 2)))  # 1 TiB
     try:

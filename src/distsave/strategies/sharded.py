@@ -8,6 +8,7 @@ are MirroredStrategy's, so Sharded×N trains like Mirrored×N, with 1/N of the m
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from collections.abc import Callable, Iterable
@@ -36,10 +37,16 @@ def _mixed_precision(spec: str | MixedPrecisionPolicy | None) -> MixedPrecisionP
         return spec
     if isinstance(spec, str) and spec.lower() in _MIXED_PRECISION:
         dtype = _MIXED_PRECISION[spec.lower()]
-        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
-                                    output_dtype=torch.float32)
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     raise ValueError(f"Expected mixed_precision=None, 'bf16-mixed' or a "
                      f"torch.distributed.fsdp.MixedPrecisionPolicy. Received: {spec!r}.")
+
+
+def _root_policy(blocks: MixedPrecisionPolicy) -> MixedPrecisionPolicy:
+    """The root's policy: blocks cast their own inputs (the root's hook would run before the
+    model checks its inputs against its spec), and outputs leave in float32 unless told."""
+    return dataclasses.replace(blocks, cast_forward_inputs=False,
+                               output_dtype=blocks.output_dtype or torch.float32)
 
 
 def _holds_parameters(module: nn.Module) -> bool:
@@ -115,8 +122,9 @@ class ShardedStrategy(MirroredStrategy):
 
     Args:
         devices: Replica devices, all CPUs (gloo) or all GPUs (NCCL), as in MirroredStrategy.
-        mixed_precision: None (fp32), ``"bf16-mixed"`` (bf16 compute, fp32 gradients reduction,
-            fp32 weights and outputs), or a ``torch.distributed.fsdp.MixedPrecisionPolicy``.
+        mixed_precision: None (fp32), ``"bf16-mixed"`` (bf16 compute, fp32 gradient reduction,
+            fp32 weights), or a ``torch.distributed.fsdp.MixedPrecisionPolicy`` for the blocks.
+            The model's outputs are float32 unless the policy names an ``output_dtype``.
         reshard_after_forward: Free each block's gathered parameters after its forward (less
             memory; gathered again for backward), as FSDP2's flag.
         policy: Which modules become FSDP blocks: a callable ``module -> bool`` or a set of
@@ -189,12 +197,8 @@ class ShardedStrategy(MirroredStrategy):
             options["mp_policy"] = self.mixed_precision
         for block in blocks:
             fully_shard(block, **options)
-        if self.mixed_precision is not None:  # the root's own pre-forward hook runs before the
-            root_policy = MixedPrecisionPolicy(  # model's input check: leave its inputs alone
-                param_dtype=self.mixed_precision.param_dtype,
-                reduce_dtype=self.mixed_precision.reduce_dtype,
-                output_dtype=self.mixed_precision.output_dtype, cast_forward_inputs=False)
-            options["mp_policy"] = root_policy
+        if self.mixed_precision is not None:
+            options["mp_policy"] = _root_policy(self.mixed_precision)
         fully_shard(module, **options)
         self._check_memory(module)
         if host is not None:
