@@ -135,6 +135,14 @@ if "--extras" in flags:
         report["too_big"] = str(error)
     report["too_big_still_on_meta"] = all(p.is_meta for p in huge.parameters())
 
+if "--cuda" in flags:  # built on the host, sharded: each GPU only ever holds its rows
+    torch.cuda.reset_peak_memory_stats(sharded.device)
+    with sharded.scope():
+        big = distsave.Model(nn.Linear(4096, 4096))
+        big.compile(optimizer="adam", loss="mse")
+    report["peak_fraction"] = torch.cuda.max_memory_allocated(sharded.device) / (4096 * 4097 * 4)
+    report["backend"] = torch.distributed.get_backend(sharded._group)
+
 sharded.barrier()
 with open(f"{prefix}.{rank}.json", "w") as f:
     json.dump(report, f)

@@ -142,6 +142,7 @@ def test_one_replica_shards_in_place_once_and_trains():
     assert history.history["loss"][1] < history.history["loss"][0]
     assert not torch.equal(model.network.head.weight.full_tensor(), before)
     assert strategy.mesh.size() == 1
+    assert model.count_params() == sum(p.numel() for p in Stack().parameters())
 
 
 def test_fit_refuses_an_optimizer_built_before_sharding():

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parameter import UninitializedParameter
 
-from .mirrored import MirroredStrategy
+from .mirrored import MirroredStrategy, _settle
 
 __all__ = ["ShardedStrategy", "ShardingPolicy"]
 
@@ -150,6 +150,8 @@ class ShardedStrategy(MirroredStrategy):
         self.policy = policy
         super().__init__(devices, timeout)
         self.mesh = DeviceMesh.from_group(self._group, self.device.type)
+        # Replica 0's initial values travel host to host, so no GPU ever stages a peer's rows.
+        self._host_group = self._group if self._backend == "gloo" else dist.new_group(backend="gloo")
 
     def __repr__(self) -> str:
         return f"ShardedStrategy(replicas={self.num_replicas_in_sync}, device={self.device})"
@@ -226,23 +228,27 @@ class ShardedStrategy(MirroredStrategy):
 
     @torch.no_grad()
     def _fill_from_chief(self, module: nn.Module, host: dict[str, torch.Tensor]) -> None:
-        """Give every replica replica 0's values: for each parameter, its own rows only (sent
-        one replica's rows at a time, so no device holds a whole tensor); buffers whole."""
-        world, rank = self.num_replicas_in_sync, self.replica_id
+        """Give every replica replica 0's values: of each parameter only its own rows, of each
+        buffer the whole; sent between host memories (gloo), then copied to this device."""
+        world, rank, group = self.num_replicas_in_sync, self.replica_id, self._host_group
         for name, param in module.named_parameters():
             local = param.to_local() if isinstance(param, DTensor) else param
             rows = torch.chunk(host[name], world) if host[name].ndim else [host[name]]
             if rank == 0:
                 local.copy_(rows[0])
-                for peer in range(1, world):
-                    if peer < len(rows) and rows[peer].numel():
-                        dist.send(rows[peer].contiguous().to(self.device), group=self._group,
-                                  group_dst=peer)
+                for peer, part in enumerate(rows[1:], start=1):
+                    if part.numel():
+                        part = part.contiguous()
+                        dist.send(part, group=group, group_dst=peer)
+                        _settle([part])
             elif local.numel():
-                received = torch.empty_like(local)
-                dist.recv(received, group=self._group, group_src=0)
+                received = torch.empty(local.shape, dtype=local.dtype)
+                dist.recv(received, group=group, group_src=0)
+                _settle([received])
                 local.copy_(received)
         for name, buffer in module.named_buffers():
-            buffer.copy_(host[name])
+            value = host[name].contiguous()
             if world > 1:
-                dist.broadcast(buffer, group=self._group, group_src=0)
+                dist.broadcast(value, group=group, group_src=0)
+                _settle([value])
+            buffer.copy_(value)
