@@ -9,6 +9,7 @@ from torch.distributed.tensor import DTensor
 from tests.conftest import read_reports, run_script
 
 import distsave
+from distsave.strategies import sharded
 from distsave.strategies.sharded import _default_blocks, _mixed_precision, _policy_blocks, _root_policy
 
 
@@ -157,3 +158,14 @@ def test_lazy_layers_without_shapes_are_refused():
     strategy = distsave.ShardedStrategy(devices=["cpu"])
     with strategy.scope(), pytest.raises(ValueError, match="lazy parameters"):
         distsave.Sequential([nn.LazyLinear(3)]).compile(optimizer="adam", loss="mse")
+
+
+def test_a_model_that_does_not_fit_is_left_as_it_was(monkeypatch):
+    monkeypatch.setattr(sharded, "_available_bytes", lambda device: 1024)  # a device nearly full
+    strategy = distsave.ShardedStrategy(devices=["cpu"])
+    model = distsave.Model(Stack())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MemoryError, match="does not fit 1 replica"):
+        strategy.apply_sharding(model)
+    after = model.state_dict()
+    assert all(type(after[k]) is torch.Tensor and torch.equal(after[k], v) for k, v in before.items())

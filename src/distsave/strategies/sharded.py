@@ -98,10 +98,16 @@ def _available_bytes(device: torch.device) -> int | None:
     return int(fields["MemAvailable"].split()[0]) * 1024 // local
 
 
-def _local_bytes(module: nn.Module) -> int:
-    """Bytes this rank allocates for ``module``: its parameter shards and whole buffers."""
-    params = sum(p.to_local().numel() * p.element_size() for p in module.parameters())
-    return params + sum(b.numel() * b.element_size() for b in module.buffers())
+def _local_bytes(module: nn.Module, world: int, rank: int) -> int:
+    """Bytes replica ``rank`` of ``world`` will hold of ``module`` once sharded: its rows of
+    every parameter (cut as ``torch.chunk`` and FSDP2 cut them) and every buffer whole."""
+    total = 0
+    for p in module.parameters():
+        length = p.shape[0] if p.ndim else 1
+        chunks = torch.chunk(torch.empty(length, device="meta"), world)
+        rows = len(chunks[rank]) if rank < len(chunks) else 0
+        total += p.numel() // max(length, 1) * rows * p.element_size()
+    return total + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
 def _gib(n: int) -> str:
@@ -179,7 +185,7 @@ class ShardedStrategy(MirroredStrategy):
         Raises:
             ValueError: a parameter has no shape yet (a lazy layer never called).
             MemoryError: on every replica, when some replica's shards with their gradients and
-                optimizer state would not fit its device; raised before anything is allocated.
+                optimizer state would not fit its device; raised before the module is touched.
         """
         if isinstance(module, FSDPModule):
             return module
@@ -187,6 +193,7 @@ class ShardedStrategy(MirroredStrategy):
             raise ValueError(f"{type(module).__name__} has lazy parameters without a shape; "
                              "ShardedStrategy needs every shape to cut the shards. Call the model "
                              "once on an example batch, or use layers with explicit sizes.")
+        self._check_memory(module)
         on_meta = [t for t in (*module.parameters(), *module.buffers()) if t.is_meta]
         host = None if on_meta else {**{n: p.detach() for n, p in module.named_parameters()},
                                      **{n: b.detach() for n, b in module.named_buffers()}}
@@ -202,7 +209,6 @@ class ShardedStrategy(MirroredStrategy):
         if self.mixed_precision is not None:
             options["mp_policy"] = _root_policy(self.mixed_precision)
         fully_shard(module, **options)
-        self._check_memory(module)
         if host is not None:
             module.to_empty(device=self.device)
             self._fill_from_chief(module, host)
@@ -211,7 +217,7 @@ class ShardedStrategy(MirroredStrategy):
     def _check_memory(self, module: nn.Module) -> None:
         """Fail on every replica, with the numbers, if some replica's shards cannot fit."""
         available = _available_bytes(self.device)
-        needed = _local_bytes(module) * _TRAINING_COPIES
+        needed = _local_bytes(module, self.num_replicas_in_sync, self.replica_id) * _TRAINING_COPIES
         short = torch.tensor([int(available is not None and needed > available)], device=self.device)
         if self.num_replicas_in_sync > 1:
             dist.all_reduce(short, group=self._group)
