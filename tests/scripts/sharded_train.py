@@ -98,11 +98,11 @@ report = {
     "sharded_losses": s_losses, "mirrored_losses": m_losses,
     "placements": sorted({str(p.placements) for p in s_model.parameters()}),
     "all_dtensors": all(isinstance(p, DTensor) for p in s_model.parameters()),
-    "optimizer_holds_model_params": all(
-        any(p is q for q in s_model.parameters()) for g in s_model.optimizer.param_groups for p in g["params"]),
+    "optimizer_holds_model_params": all(any(p is q for q in s_model.parameters())
+                                        for g in s_model.optimizer.param_groups for p in g["params"]),
     "local_rows": {n: p.to_local().shape[0] for n, p in params.items()},
     "global_shapes": {n: list(p.shape) for n, p in params.items()},
-    "adam_state": {k: [type(v).__name__, list(v.to_local().shape) if isinstance(v, DTensor) else list(v.shape)]
+    "adam_state": {k: [type(v).__name__, list((v.to_local() if isinstance(v, DTensor) else v).shape)]
                    for k, v in adam.items()},
     "evaluate": [s_eval, m_eval],
     "predict_diff": float((s_model.predict(eval_x, batch_size=8) - expected).abs().max()),
