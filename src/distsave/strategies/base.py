@@ -137,6 +137,11 @@ class Strategy:
         return self._all_reduce_sum(tensor)
 
     # -- models -------------------------------------------------------------------------
+    def place_model(self, module: nn.Module) -> nn.Module:
+        """Put ``module``'s variables where this strategy keeps them, in place: on this
+        replica's device (ShardedStrategy: sharded over the replicas). Returns ``module``."""
+        return module.to(self.device)
+
     def prepare_for_training(self, module: nn.Module) -> nn.Module:
         """The module that training steps call: the module itself or a data-parallel wrapper."""
         return module

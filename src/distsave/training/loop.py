@@ -119,10 +119,23 @@ def _merge(metrics: list[Metric], strategy: Strategy) -> dict[str, float]:
     return read_logs({m.name: m.result() for m in metrics})
 
 
+def _check_optimizer_holds_parameters(model: Model, strategy: Strategy) -> None:
+    """An optimizer built before a strategy replaced the parameters (sharding does) would
+    step tensors the model no longer uses: training would silently change nothing."""
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for group in model.optimizer.param_groups for p in group["params"]):
+        raise RuntimeError(
+            f"The optimizer holds parameters that the model no longer has: {strategy!r} replaced "
+            "them when it placed the model (sharding makes new, sharded parameters). Build and "
+            "compile the model inside strategy.scope(), so the optimizer is made over them."
+        )
+
+
 def fit(model: Model, data: Dataset | DistributedDataset, *, epochs: int,
         validation_data: Any, callbacks: list[Callback], verbose: int) -> History:
     strategy = model.distribute_strategy
-    model.to(strategy.device)
+    strategy.place_model(model)
+    _check_optimizer_holds_parameters(model, strategy)
     metrics = [Mean("loss"), *model.compiled_metrics]
     step = make_train_step(model, model.train_module(), strategy, metrics)
     history = History()
@@ -191,7 +204,7 @@ def _preempt(model: Model, callbacks: list[Callback], epoch: int, batch: int) ->
 @torch.no_grad()
 def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int) -> dict[str, float]:
     strategy = model.distribute_strategy
-    model.to(strategy.device)
+    strategy.place_model(model)
     model.eval()
     loss_metric = Mean("loss")
     metrics = [loss_metric, *model.compiled_metrics]
@@ -199,9 +212,9 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int) 
         metric.reset()
     for _, batch in _global_batches(model, data, strategy):
         x, y = _split(batch, supervised=True)
+        pred = model(x)  # even on an empty part: a sharded model gathers weights with its peers
         if len(y) == 0:
             continue
-        pred = model(x)
         loss_metric.update_value(model.loss(pred, y), len(y))
         for metric in model.compiled_metrics:
             metric.update(pred, y)
@@ -214,7 +227,7 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int) 
 @torch.no_grad()
 def predict(model: Model, data: Dataset | DistributedDataset) -> torch.Tensor:
     strategy = model.distribute_strategy
-    model.to(strategy.device)
+    strategy.place_model(model)
     model.eval()
     outputs = []
     for _, batch in _global_batches(model, data, strategy):

@@ -127,7 +127,7 @@ class Model(nn.Module):
         self.jit_compile = jit_compile
         if has_strategy():
             self.runtime.strategy = get_strategy()
-        self.to(self.distribute_strategy.device)
+        self.distribute_strategy.place_model(self)  # before the optimizer: it holds what this makes
         self.loss = resolve_loss(loss)
         self.compiled_metrics = [resolve_metric(m, self.loss) for m in (metrics or [])]
         self.optimizer = build_optimizer(optimizer, self)

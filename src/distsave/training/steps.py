@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..strategies import Strategy
 from .metrics import Metric
@@ -175,6 +176,8 @@ def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics
         reasons.append("the model is not on a CUDA device")
     if strategy.num_replicas_in_sync > 1:
         reasons.append("several replicas average gradients between steps")
+    if isinstance(module, FSDPModule):
+        reasons.append("the parameters are sharded (FSDP2 gathers them around every block)")
     optimizer = model.optimizer
     if "capturable" not in optimizer.defaults and not isinstance(optimizer, _GRAPH_SAFE_OPTIMIZERS):
         reasons.append(f"{type(optimizer).__name__} has no 'capturable' mode")
