@@ -54,11 +54,35 @@ def test_training_continues_under_three_replicas_as_if_uninterrupted(trained):
         run_script("sharded_roundtrip.py", "sharded", "3", str(trained), timeout=300)
     reference = json.loads((trained / "losses.uninterrupted.json").read_text())
     resumed = json.loads((trained / "losses.resumed_sharded3.json").read_text())
-    assert len(resumed) == len(reference) == 5
+    assert len(resumed) == len(reference) == 1
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=1e-5, atol=0)
+    torch.testing.assert_close(predictions(trained, "after.resumed_sharded3"),
+                               predictions(trained, "after.uninterrupted"), rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_mixed_precision_round_trips(tmp_path):
     run_script("sharded_roundtrip.py", "bf16", str(tmp_path), timeout=300)
     torch.testing.assert_close(predictions(tmp_path, "bf16_loaded"), predictions(tmp_path, "bf16_saved"),
                                rtol=0, atol=0)
+
+
+def test_a_missing_byte_range_is_refused_on_every_replica_and_async_save_explains(trained, tmp_path):
+    """The weights file of a copy loses its last 64 bytes; the manifest is rewritten to match (as
+    an attacker would): every replica refuses it, naming the file, and none waits for the others."""
+    import shutil
+
+    from tests.conftest import rewrite_manifest
+
+    work = tmp_path / "work"
+    shutil.copytree(trained / "model", work / "model")
+    shutil.copytree(trained / "model", work / "damaged")
+    weights = work / "damaged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    rewrite_manifest(work / "damaged", lambda m: m["files"]["model.safetensors"].update(
+        bytes=weights.stat().st_size, chunk_starts=[0], sha256=[__import__("hashlib").sha256(weights.read_bytes()).hexdigest()]))
+    result = run_script("sharded_roundtrip.py", "refused", str(work), timeout=300)
+    for rank in (0, 1):
+        assert f"replica {rank} LOAD REFUSED" in result.stdout, result.stdout
+        assert f"replica {rank} ASYNC REFUSED" in result.stdout
+    assert "model.safetensors" in result.stdout and "blocking=True" in result.stdout
+    distsave.saving.read_manifest(work / "blocking")

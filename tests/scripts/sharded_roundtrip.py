@@ -6,8 +6,10 @@
     sharded_roundtrip.py mirrored DIR    Mirrored x2: load, predict
     sharded_roundtrip.py plain DIR       no strategy, OneDevice("cpu") and saved_model.load
     sharded_roundtrip.py bf16 DIR        Sharded x2, bf16 mixed precision: fit, save, load back
+    sharded_roundtrip.py refused DIR     Sharded x2: load DIR/damaged and save(blocking=False);
+                                         each replica prints what was refused
 
-Predictions go to DIR/pred.<name>.safetensors and losses to DIR/losses.<name>.json (replica 0).
+Predictions go to DIR/pred.<name>.safetensors and epoch losses to DIR/losses.<name>.json (replica 0).
 The first layer has 10 output rows: over 3 replicas its rows split 4, 4, 2.
 """
 
@@ -34,19 +36,13 @@ def dataset():
     return distsave.data.Dataset.from_tensor_slices((features, labels)).shuffle(120, seed=5).batch(24)
 
 
-class BatchLosses(distsave.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.losses.append(float(logs["loss"]))
-
-
 def fit_one_epoch(model, name):
-    record = BatchLosses()
-    model.fit(dataset(), epochs=1, verbose=0, callbacks=[record])
+    """One more epoch; its loss (over every replica's examples) and the predictions after it."""
+    history = model.fit(dataset(), epochs=1, verbose=0)
+    predictions = model.predict(probe)
     if model.distribute_strategy.is_chief:
-        (out / f"losses.{name}.json").write_text(json.dumps(record.losses))
+        (out / f"losses.{name}.json").write_text(json.dumps(history.history["loss"]))
+        write_predictions(f"after.{name}", predictions)
 
 
 def write_predictions(name, outputs):
@@ -112,5 +108,18 @@ elif mode == "bf16":
     if strategy.is_chief:
         write_predictions("bf16_saved", saved)
         write_predictions("bf16_loaded", restored)
+elif mode == "refused":
+    strategy = distsave.ShardedStrategy(devices=["cpu", "cpu"])
+    with strategy.scope():
+        try:
+            distsave.load_model(out / "damaged")
+        except distsave.ArtifactError as error:
+            print(f"replica {strategy.replica_id} LOAD REFUSED: {error}", flush=True)
+        model = distsave.load_model(out / "model")
+    try:
+        model.save(out / "async", blocking=False)
+    except distsave.SaveError as error:
+        print(f"replica {strategy.replica_id} ASYNC REFUSED: {error}", flush=True)
+    model.save(out / "blocking")  # the replicas still work together after both refusals
 else:
     raise SystemExit(f"unknown mode {mode!r}")

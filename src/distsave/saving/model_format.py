@@ -98,6 +98,10 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
                   if strategy.is_chief else None)
     weights = model.state_dict()
     state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
+    if not blocking and any(not local_slice(name, t)[2] for name, t in weights.items()):
+        raise SaveError("model.save(blocking=False) needs the whole model on one replica; under "
+                        "ShardedStrategy each replica holds 1/N and all write their rows together. "
+                        "Save with blocking=True: the replicas write in parallel, straight to the files.")
     if not blocking:
         weights = host_copies(model, weights)
         state_tensors = host_copies(model.optimizer, state_tensors) if state_tensors else {}
