@@ -90,9 +90,9 @@ def run_in_forked_replicas(strategy: MirroredStrategy, fn: Callable[..., Any], m
         os.close(write_end)
         children[rank] = (pid, read_end)
     messages = _collect(children, strategy.timeout)
-    failed = {rank: m for rank, m in messages.items() if m is None or m[0] != _OK}
-    if failed:
-        rank, message = min(failed.items())
+    failed = [(rank, m) for rank, m in messages.items() if m is None or m[0] != _OK]
+    if failed:  # the first to fail is the cause; the others saw their peer vanish
+        rank, message = failed[0]
         detail = (message[1].decode(errors="replace") if message is not None
                   else "it exited without a result (killed, or it crashed in native code)")
         raise ForkedReplicasError(f"Replica {rank} of {len(devices)} (forked, on {devices[rank]}) "
@@ -106,8 +106,9 @@ def run_in_forked_replicas(strategy: MirroredStrategy, fn: Callable[..., Any], m
 
 def _collect(children: dict[int, tuple[int, int]], timeout: datetime.timedelta
              ) -> dict[int, tuple[bytes, bytes, bytes] | None]:
-    """Each child's message (None if it died without one). When one fails, the others are
-    killed at once: they would otherwise wait in a collective until the timeout."""
+    """Each child's message (None if it died without one), in the order they ended. When one
+    fails, the others are killed at once: they would otherwise wait in a collective until the
+    timeout."""
     buffers = {fd: bytearray() for _, fd in children.values()}
     rank_of = {fd: rank for rank, (_, fd) in children.items()}
     results: dict[int, tuple[bytes, bytes, bytes] | None] = {}
