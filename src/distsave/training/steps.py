@@ -173,7 +173,13 @@ def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics
     reasons = []
     if strategy.device.type != "cuda":
         reasons.append("the model is not on a CUDA device")
-    if strategy.num_replicas_in_sync > 1:
+    replicas = strategy.num_replicas_in_sync > 1 and strategy.device.type == "cuda"
+    if replicas:  # one flat gradient bucket, all-reduced inside the graph
+        from .replica_capture import CapturedReplicaStep, replica_capture_blocker
+
+        if (blocker := replica_capture_blocker(model, strategy)) is not None:
+            reasons.append(blocker)
+    elif strategy.num_replicas_in_sync > 1:
         reasons.append("several replicas average gradients between steps")
     optimizer = model.optimizer
     if "capturable" not in optimizer.defaults and not isinstance(optimizer, _GRAPH_SAFE_OPTIMIZERS):
@@ -182,5 +188,10 @@ def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics
         raise ValueError("compile(jit_compile=True) needs a CUDA-graph-safe setup, but "
                          + "; ".join(reasons) + ". Use jit_compile='auto' or False.")
     if mode is False or reasons:
+        if replicas and reasons and mode == "auto":
+            logger.warning("fit: training %d replicas with eager DDP, not a captured step: %s.",
+                           strategy.num_replicas_in_sync, "; ".join(reasons))
         return TrainStep(model, module, strategy, metrics)
+    if replicas:
+        return CapturedReplicaStep(model, module, strategy, metrics)
     return CapturedTrainStep(model, module, strategy, metrics)
