@@ -52,6 +52,10 @@ class CapturedReplicaStep(CapturedTrainStep):
     """`CapturedTrainStep` for several replicas: gradients live in one flat buffer that is
     averaged over replicas with one all-reduce before the optimizer step (eager or captured)."""
 
+    # NCCL's watchdog thread queries CUDA events while this thread captures; in the default
+    # "global" mode that breaks the capture ("operation failed due to a previous error").
+    capture_error_mode = "thread_local"
+
     def __init__(self, model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]):
         bare = module.module if isinstance(module, DistributedDataParallel) else module
         super().__init__(model, bare, strategy, metrics)

@@ -108,6 +108,8 @@ class TrainStep:
 class CapturedTrainStep(TrainStep):
     """The same step, captured as a CUDA graph after a few eager warm-up steps."""
 
+    capture_error_mode = "global"  # torch.cuda.graph's: which threads' CUDA calls may break the capture
+
     def __init__(self, model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]):
         super().__init__(model, module, strategy, metrics)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -155,7 +157,7 @@ class CapturedTrainStep(TrainStep):
         self.static_x, self.static_y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
                 self._step(self.static_x, self.static_y, 1.0)
         except Exception as error:  # "auto": train eagerly instead; True: raise
             self.failed = True
