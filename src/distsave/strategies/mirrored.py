@@ -205,8 +205,17 @@ class MirroredStrategy(Strategy):
     def prepare_for_training(self, module: nn.Module) -> nn.Module:
         if self.num_replicas_in_sync == 1:
             return module  # nothing to average: skip DDP's per-step hooks
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, process_group=self._group)
+        if self.device.type != "cuda":
+            return DistributedDataParallel(module, process_group=self._group)
+        # Built on a side stream, as CUDA-graph capture of the step needs: DDP creates the
+        # parameters' gradient accumulators now, and autograd later syncs each with the stream
+        # current here; the legacy default stream may not depend on a capturing one.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            wrapped = DistributedDataParallel(module, device_ids=[self.device.index], process_group=self._group)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return wrapped
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._group is None:
