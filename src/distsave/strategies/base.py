@@ -136,6 +136,13 @@ class Strategy:
         """Sum a tensor over replicas (returns a new tensor)."""
         return self._all_reduce_sum(tensor)
 
+    def call_on_replicas(self, fn: Callable[..., Any], model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run a whole ``fit``/``evaluate``/``predict`` (``fn(model, ...)``) as every replica.
+
+        Here, in this process; a strategy whose replicas must be started per call (forked)
+        overrides it and brings the model's new state back."""
+        return fn(model, *args, **kwargs)
+
     # -- models -------------------------------------------------------------------------
     def place_model(self, module: nn.Module) -> nn.Module:
         """Put ``module``'s variables where this strategy keeps them, in place: on this

@@ -163,21 +163,22 @@ class Model(nn.Module):
         """
         if not self.compiled:
             raise RuntimeError("Call model.compile(optimizer=..., loss=...) before fit().")
-        return loop.fit(self, loop.as_dataset(x, y, batch_size), epochs=epochs,
-                        validation_data=validation_data, callbacks=list(callbacks or []),
-                        verbose=verbose)
+        return self.distribute_strategy.call_on_replicas(
+            loop.fit, self, loop.as_dataset(x, y, batch_size), epochs=epochs,
+            validation_data=validation_data, callbacks=list(callbacks or []), verbose=verbose)
 
     def evaluate(self, x: Any, y: torch.Tensor | None = None, *, batch_size: int = 32,
                  verbose: int = 1, return_dict: bool = False) -> list[float] | dict[str, float]:
         """Loss and metrics over a dataset, merged across replicas: ``[loss, *metrics]``."""
         if self.loss is None:
             raise RuntimeError("Call model.compile(...) before evaluate(); it needs a loss.")
-        logs = loop.evaluate(self, loop.as_dataset(x, y, batch_size), verbose=verbose)
+        logs = self.distribute_strategy.call_on_replicas(loop.evaluate, self, loop.as_dataset(x, y, batch_size),
+                                                         verbose=verbose)
         return logs if return_dict else list(logs.values())
 
     def predict(self, x: Any, *, batch_size: int = 32) -> torch.Tensor:
         """Outputs for every input, in order, gathered from all replicas."""
-        return loop.predict(self, loop.as_dataset(x, None, batch_size))
+        return self.distribute_strategy.call_on_replicas(loop.predict, self, loop.as_dataset(x, None, batch_size))
 
     def summary(self, print_fn: Callable[[str], Any] = print) -> None:
         """Print a Keras-style table: each layer's output shape and parameters, then the totals."""
