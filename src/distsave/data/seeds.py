@@ -1,11 +1,11 @@
-"""Where distsave's random choices (each pass's shuffle seed) come from: torch's seed.
+"""Where distsave's random choices (each pass's shuffle seed) come from: torch's generator.
 
-A pass's seed is drawn from a private `random.Random` that follows ``torch.initial_seed()``:
-after ``torch.manual_seed(s)`` (or `distsave.utils.set_random_seed`) the next `fit` or pass
-starts the same sequence of seeds, as a ``DataLoader``'s shuffle does. The generator is checked
-against torch's seed only where a run starts (`follow_torch`), not per draw, so restoring
-torch's RNG state mid-run (a resumed backup) does not restart the sequence. Its state is a
-Python ``random`` state, so a backup stores it as JSON.
+Where a run starts (`fit`, or a pass over a dataset outside `fit`) a private `random.Random` is
+seeded with one draw from torch's default generator, as a ``DataLoader`` draws its shuffle seed;
+the run's passes then take their seeds from it. So ``torch.manual_seed(s)`` (or
+`distsave.utils.set_random_seed`) makes the data order repeat, and restoring torch's RNG state
+mid-run (a resumed backup) does not disturb it. Its state is a Python ``random`` state, so a
+backup stores it as JSON.
 """
 
 from __future__ import annotations
@@ -17,21 +17,19 @@ import torch
 __all__ = ["draw_seed", "follow_torch", "get_state", "set_state"]
 
 _generator = random.Random()
-_followed: int | None = None
+_seeded = False
 
 
 def follow_torch() -> None:
-    """Restart the seed sequence if torch was seeded since the last run began."""
-    global _followed
-    seed = torch.initial_seed()
-    if seed != _followed:
-        _generator.seed(seed)
-        _followed = seed
+    """Start a run's seed sequence from torch's default generator (one draw from it)."""
+    global _seeded
+    _generator.seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+    _seeded = True
 
 
 def draw_seed() -> int:
     """The seed of the next pass over a dataset (63 bits)."""
-    if _followed is None:
+    if not _seeded:
         follow_torch()
     return _generator.getrandbits(63)
 
@@ -43,6 +41,6 @@ def get_state() -> tuple:
 
 def set_state(state: tuple) -> None:
     """Put back a state `get_state` gave; the sequence continues from there."""
-    global _followed
+    global _seeded
     _generator.setstate(state)
-    _followed = torch.initial_seed() if _followed is None else _followed
+    _seeded = True

@@ -113,9 +113,9 @@ def _labels(batch: Any, class_weight: dict[int, float] | None = None) -> tuple[A
                 else f"{type(batch).__name__} of length {len(batch)}"
                 if isinstance(batch, (tuple, list)) else type(batch).__name__)
         raise TypeError(
-            f"Expected batches of (inputs, labels) or (inputs, labels, sample_weights). Received "
-            f"batches of {kind}. Load with as_supervised=True, or map elements to (inputs, labels) "
-            "tuples.")
+            "Expected batches of (inputs, labels) pairs or (inputs, labels, sample_weights) "
+            f"triples. Received batches of {kind}. Load with as_supervised=True, or map elements "
+            "to (inputs, labels) tuples.")
     x, y = batch[0], batch[1]
     weights = batch[2] if len(batch) == 3 else None
     if class_weight is not None:
