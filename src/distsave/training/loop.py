@@ -135,8 +135,9 @@ def _labels(batch: Any, class_weight: dict[int, float] | None = None) -> tuple[A
 
 
 def _inputs(batch: Any) -> Any:
-    """The inputs of a batch: its first item when it is an ``(inputs, ...)`` tuple."""
-    return batch[0] if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) else batch
+    """The inputs of a batch: its first item when it is an ``(inputs,)``, ``(inputs, labels)`` or
+    ``(inputs, labels, weights)`` tuple (so several inputs without labels come as ``((a, b),)``)."""
+    return batch[0] if isinstance(batch, (tuple, list)) and len(batch) in (1, 2, 3) else batch
 
 
 class _LiveLogs(Mapping):
