@@ -86,3 +86,13 @@ def test_a_mismatch_names_the_recorded_spec_and_how_to_reset_it():
     model.input_spec = None
     with pytest.raises(RuntimeError):  # the network itself refuses 5 features
         model(torch.zeros(2, 5))
+
+
+def test_a_loaded_program_is_callable_and_a_missing_signature_lists_the_names(tmp_path):
+    model = batchnorm_model()
+    model.fit(X, Y, epochs=1, verbose=0)
+    distsave.saved_model.save(model, tmp_path / "sm")
+    loaded = distsave.saved_model.load(tmp_path / "sm")
+    torch.testing.assert_close(loaded(X)["output_0"], model.predict(X))
+    with pytest.raises(KeyError, match="No signature 'serve'.*Available: 'serving_default'"):
+        loaded.signatures["serve"]
