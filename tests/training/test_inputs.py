@@ -1,7 +1,6 @@
 """fit / evaluate / predict take numpy arrays, DataLoaders, torch datasets and generators, and
 Keras' keyword arguments; every input kind trains exactly as the in-memory Dataset path does."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -12,7 +12,6 @@ from ..training import metrics as metrics_module
 from ..training.losses import FunctionLoss, Loss, ModuleLoss
 from ..training.model import Model
 from ..training.optimizers import jsonable, optimizer_class, optimizer_config, tuples_back
-from ..training.precision import Precision
 from .architecture import build_module, module_spec
 from .errors import ArtifactError, SaveError
 from .registry import captured_config, registered, registered_name

@@ -279,6 +279,18 @@ class Model(nn.Module):
 
         return save_model(self, path, max_shard_size=max_shard_size, blocking=blocking)
 
+    def save_weights(self, path: str) -> None:
+        """Write the weights alone as one safetensors file (Keras' ``save_weights``)."""
+        from .weights import save_weights
+
+        save_weights(self, path)
+
+    def load_weights(self, path: str) -> None:
+        """Read a `save_weights` file into this model; names, shapes and dtypes must match."""
+        from .weights import load_weights
+
+        load_weights(self, path)
+
     def train_module(self) -> nn.Module:
         """The module a training step calls: this model, or its data-parallel wrapper."""
         if self.runtime.train_module is None:
