@@ -8,6 +8,7 @@ saved tensors. Prints a markdown table with ratios against the disk ceiling and 
 peer, and writes a JSON-lines log (plus the table) under benchmarks/results/.
 
     PYTHONPATH=src python3 benchmarks/checkpoint_io.py --device cuda                # 6.44 GB
+    PYTHONPATH=src python3 benchmarks/checkpoint_io.py --sharded 2 4   # ShardedStrategy: benchmarks/checkpoint_io_sharded.py
     .venv/bin/python benchmarks/checkpoint_io.py --device cpu --size-gb 0.5 --repeats 3
     .venv/bin/python benchmarks/checkpoint_io.py --device cpu --size-gb 0.05 --only safetensors,distsave
 
@@ -293,6 +294,14 @@ def table(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    if "--sharded" in sys.argv:  # every rank its own shards: a benchmark of its own
+        import checkpoint_io_sharded
+
+        rest = sys.argv[1:]
+        at = rest.index("--sharded")
+        ranks = [a for a in rest[at + 1:] if a.isdigit()]
+        checkpoint_io_sharded.main(rest[:at] + ["--ranks", *ranks] + rest[at + 1 + len(ranks):])
+        return
     args = parse_args()
     folder = work_folder(args.dir)
     cache = cache_drop_method()

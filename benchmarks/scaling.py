@@ -4,7 +4,9 @@ on the device, an eager DDP step, started by torchrun) measured in the same run.
 
 Runs are interleaved ``--repeats`` times; each is a line of ``benchmarks/results/scaling-*.jsonl``
 (commit, card, versions, date); the table shows medians and per-replica efficiency
-(rate / (replicas x the same way's one-replica rate)).
+(rate / (replicas x the same way's one-replica rate)). On GPUs it also shows fit's rate against
+N x the whole-step CUDA-graph limit of one GPU (`fit_speed.captured_graph`, measured first, in
+this process, at the per-replica batch).
 
     python benchmarks/scaling.py --gpus 1 2 4 8          # MirroredStrategy over that many GPUs
     python benchmarks/scaling.py --cpu-replicas 1 2      # gloo over CPU processes
@@ -101,6 +103,16 @@ def ddp_worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def graph_limits(batches: list[int], repeats: int) -> dict[int, float]:
+    """samples/s of one GPU replaying the whole captured step (median of ``repeats``), per batch."""
+    from fit_speed import captured_graph, mnist_tensors
+
+    images, labels, _ = mnist_tensors()
+    device = torch.device("cuda", 0)
+    return {b: sorted(captured_graph(images, labels, b, device)[0] for _ in range(repeats))[repeats // 2]
+            for b in batches}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_mutually_exclusive_group(required=True)
@@ -122,6 +134,7 @@ def main() -> None:
     print(f"# scaling: {log.context['card']}, torch {torch.__version__}, commit {log.context['commit'][:10]}, "
           f"{log.context['date']}; raw log {log.path}")
     runners = {"distsave fit": run_distsave, "plain DDP": run_ddp_peer}
+    limits = graph_limits(args.per_replica, args.repeats) if gpus else {}
     for repeat in range(args.repeats):
         for per_replica in args.per_replica:
             for n in counts:
@@ -134,15 +147,20 @@ def main() -> None:
     for per_replica in args.per_replica:
         print(f"\n## {per_replica} examples per replica per step, last of {args.epochs} epochs, "
               f"medians of {args.repeats} interleaved runs\n")
-        print(f"| {kind} | " + " | ".join(f"{w} samples/s | {w} efficiency" for w in WAYS) + " |")
-        print("|---:|" + "---:|---:|" * len(WAYS))
+        limit = limits.get(per_replica)
+        print(f"| {kind} | " + " | ".join(f"{w} samples/s | {w} efficiency" for w in WAYS)
+              + (" | fit vs N x graph limit |" if limit else " |"))
+        print("|---:|" + "---:|---:|" * len(WAYS) + ("---:|" if limit else ""))
         cells = {}
         for n in counts:
             for way in WAYS:
                 rate = medians[(way, per_replica, n)][0]
                 base = medians[(way, per_replica, counts[0])][0] / counts[0]
                 cells[(n, way)] = f"{rate:,.0f} | {rate / (n * base):.2f}"
-            print(f"| {n} | " + " | ".join(cells[(n, w)] for w in WAYS) + " |", flush=True)
+            versus = f" {medians[('distsave fit', per_replica, n)][0] / (n * limit):.2f} |" if limit else ""
+            print(f"| {n} | " + " | ".join(cells[(n, w)] for w in WAYS) + " |" + versus, flush=True)
+        if limit:
+            print(f"\nwhole-step CUDA-graph limit, one GPU, {per_replica} per step: {limit:,.0f} samples/s")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from .strategies import (
     MultiWorkerMirroredStrategy,
     OneDeviceStrategy,
     ReduceOp,
+    ShardedStrategy,
     Strategy,
     get_strategy,
 )
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ArtifactError", "Callback", "CheckpointManager", "History", "MirroredStrategy", "Model",
     "MultiWorkerMirroredStrategy", "OneDeviceStrategy", "ReduceOp", "SaveError", "Sequential",
-    "Strategy", "TensorSpec", "__version__", "callbacks", "data", "datasets", "get_strategy", "layers",
-    "load_model", "losses", "metrics", "register_serializable", "saved_model", "strategies",
-    "utils", "wait_for_saves",
+    "ShardedStrategy", "Strategy", "TensorSpec", "__version__", "callbacks", "data", "datasets",
+    "get_strategy", "layers", "load_model", "losses", "metrics", "register_serializable",
+    "saved_model", "strategies", "utils", "wait_for_saves",
 ]

@@ -2,11 +2,13 @@
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from tests.conftest import assert_every_weight_moved, cnn_model, scale, state_of
+from safetensors.torch import load_file
+
+from tests.conftest import assert_every_weight_moved, cnn_model, read_reports, run_python, run_script, scale, state_of
 
 import distsave
+from distsave.demo import workflow_cnn
 from distsave.training import loop, steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -29,19 +31,51 @@ def test_one_device_cuda_trains_and_loads_on_cpu_with_the_same_predictions(mnist
     torch.testing.assert_close(served.cpu(), on_gpu, rtol=1e-4, atol=1e-4)
 
 
-def test_mirrored_one_gpu_uses_nccl_and_trains(mnist, tmp_path):
-    strategy = distsave.MirroredStrategy()
-    assert strategy.num_replicas_in_sync == torch.cuda.device_count()
-    assert dist.get_backend(strategy._group) == "nccl"
-    with strategy.scope():
-        model = cnn_model()
-    history = model.fit(mnist["train"].take(4096).map(scale).cache().batch(64), epochs=2, verbose=0)
-    assert history.history["loss"][1] < history.history["loss"][0]
-    model.save(tmp_path / "m")
-    with strategy.scope():
-        restored = distsave.load_model(tmp_path / "m")
+def _replicas_script(tmp_path, optimizer: str) -> list[dict]:
+    """tests/scripts/gpu_replicas.py in its own process (it starts one replica per GPU)."""
+    run_script("gpu_replicas.py", str(tmp_path / "r"), optimizer, timeout=300)
+    return read_reports(tmp_path / "r", torch.cuda.device_count())
+
+
+def test_mirrored_over_every_gpu_uses_nccl_trains_and_saves_once(mnist, tmp_path):
+    reports = _replicas_script(tmp_path, "adam")
+    assert {r["replicas"] for r in reports} == {torch.cuda.device_count()}
+    assert {r["backend"] for r in reports} == {"nccl"}
+    assert all(r["captured"] for r in reports), reports  # the captured step ran, not eager DDP
+    assert reports[0]["loss"][1] < reports[0]["loss"][0]
+    with distsave.MirroredStrategy(devices=["cuda:0"]).scope():
+        restored = distsave.load_model(tmp_path / "r.artifact")
     assert next(restored.parameters()).device.type == "cuda"
     restored.fit(mnist["train"].take(1024).map(scale).batch(64), epochs=1, verbose=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_captured_replicas_equal_one_gpu_on_the_whole_batch_and_each_other(mnist, tmp_path, monkeypatch):
+    reports = _replicas_script(tmp_path, "sgd")
+    assert {r["step"] for r in reports} == {"CapturedReplicaStep"} and all(r["captured"] for r in reports)
+    replicas = [load_file(tmp_path / f"r.{i}.safetensors") for i in range(len(reports))]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        torch.manual_seed(0)
+        single = distsave.Sequential(workflow_cnn())
+        single.compile(loss="sparse_categorical_crossentropy", optimizer="sgd", metrics=["accuracy"])
+    initial = state_of(single)
+    single.fit(mnist["train"].take(4096).map(scale).cache().batch(128), epochs=2, verbose=0)
+    assert_every_weight_moved(replicas[0], initial)
+    for name, tensor in single.state_dict().items():
+        for other in replicas[1:]:
+            assert torch.equal(replicas[0][name], other[name]), name  # replicas bitwise equal
+        torch.testing.assert_close(replicas[0][name], tensor.cpu(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_seed_workflow_where_the_program_cannot_restart_forks_two_gpu_replicas(tmp_path):
+    """The notebook's cells through ``python -c`` (the GPU image has no Jupyter): the same fork path."""
+    from tests.strategies.test_forked import CHECK, FIT, SETUP
+
+    prelude = f"DEVICES = ['cuda:0', 'cuda:1']\nARTIFACT = {str(tmp_path / 'model')!r}\n"
+    result = run_python(["-c", prelude + SETUP + FIT + CHECK], timeout=300)
+    assert "seed workflow ok" in result.stdout
 
 
 def test_loaded_signature_runs_on_the_gpu_under_a_strategy(tmp_path):

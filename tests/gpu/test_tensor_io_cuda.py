@@ -13,7 +13,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_gpu_model_round_trips_byte_for_byte_through_pinned_staging(tmp_path, monkeypatch):
     monkeypatch.setattr("distsave.saving.tensor_io.HASH_CHUNK_BYTES", 1 << 16)  # many chunks, many threads
-    monkeypatch.setattr("distsave.saving.snapshot.HASH_CHUNK_BYTES", 1 << 16)
     monkeypatch.setattr("distsave.saving.format.HASH_CHUNK_BYTES", 1 << 16)
     with distsave.OneDeviceStrategy("cuda:0").scope():
         torch.manual_seed(0)

@@ -3,6 +3,7 @@ point at special files, and signature names that are not file names. Checksums a
 recomputed, as an attacker would; every refusal is an ArtifactError (or SaveError) naming the
 file and the field."""
 
+import hashlib
 import os
 import shutil
 import time
@@ -55,6 +56,13 @@ def refused_by_both(artifact, match):
     (lambda m: m["signatures"]["serving_default"]["state"].update({"a;b": "0.weight"}), "signatures.serving_default.state"),
     (lambda m: m["compile"]["optimizer"].update(param_groups="all"), "compile.optimizer.param_groups"),
     (lambda m: m.update(architecture=[1, 2]), "architecture"),
+    (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[5]), "files.model.safetensors.chunk_starts"),
+    (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[0, 0]), "files.model.safetensors.chunk_starts"),
+    (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[0, 10**12]), "files.model.safetensors.chunk_starts"),
+    (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[0, True]), "files.model.safetensors.chunk_starts"),
+    (lambda m: m["files"]["model.safetensors"].update(chunk_starts="0"), "files.model.safetensors.chunk_starts"),
+    (lambda m: m.update(format_version=2) or m["files"]["model.safetensors"].update(chunk_starts=[0]),
+     "files.model.safetensors.chunk_starts"),
 ])
 def test_malformed_field_is_named(artifact, edit, field):
     rewrite_manifest(artifact, edit)
@@ -66,6 +74,24 @@ def nested(depth: int) -> list:
     for _ in range(depth):
         value = [value]
     return value
+
+
+def test_chunks_of_a_file_relisted_with_their_digests_still_check_every_byte(artifact):
+    """An attacker may cut a file into other chunks and list their true digests: every byte is
+    still read once and checked, and a changed byte is still caught."""
+    data = (artifact / "model.safetensors").read_bytes()
+    starts = list(range(0, len(data), 997))
+
+    def relist(m):
+        ends = starts[1:] + [len(data)]
+        m["files"]["model.safetensors"].update(chunk_starts=starts, sha256=[
+            hashlib.sha256(data[a:b]).hexdigest() for a, b in zip(starts, ends)])
+    rewrite_manifest(artifact, relist)
+    distsave.load_model(artifact)
+    with open(artifact / "model.safetensors", "r+b") as f:
+        f.seek(len(data) - 3)
+        f.write(bytes([data[-3] ^ 1]))
+    refused_by_both(artifact, "model.safetensors: content changed")
 
 
 @pytest.mark.parametrize("depth", [200, 100_000])

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..training.model import Model, Sequential
 from .errors import ArtifactError, SaveError
-from .registry import captured_config, registered, registered_name
+from .registry import built_class, captured_config, registered, registered_name
 
 __all__ = ["ALLOWED_LAYERS", "build_module", "module_spec", "to_json_value", "from_json_value"]
 
@@ -73,13 +73,13 @@ def from_json_value(value: Any, where: str) -> Any:
 
 def _builtin_config(module: nn.Module, where: str) -> dict[str, Any]:
     config = {}
-    for name, param in inspect.signature(type(module).__init__).parameters.items():
+    for name, param in inspect.signature(built_class(module).__init__).parameters.items():
         if name in _SKIPPED_ARGS or name.startswith("_") or param.kind in (param.VAR_POSITIONAL,
                                                                            param.VAR_KEYWORD):
             continue
         if not hasattr(module, name):
             if param.default is param.empty:
-                raise SaveError(f"Cannot record {type(module).__name__} at {where}: argument {name!r} "
+                raise SaveError(f"Cannot record {built_class(module).__name__} at {where}: argument {name!r} "
                                 "is not readable from the layer. Wrap it in a registered class.")
             continue
         value = getattr(module, name)
@@ -95,7 +95,7 @@ def module_spec(module: nn.Module, where: str = "model") -> dict[str, Any]:
     Raises:
         SaveError: the module (or a layer inside) is neither an allowed built-in nor registered.
     """
-    cls = type(module)
+    cls = built_class(module)
     name = registered_name(module)
     if name is not None:
         return {"class": name, "config": {k: to_json_value(v, f"{where}.{k}")

@@ -19,13 +19,15 @@ __all__ = [
     "DEFAULT_MAX_SHARD_BYTES", "MAX_MANIFEST_BYTES", "MAX_PROGRAM_BYTES", "MAX_INDEX_BYTES",
     "MAX_SAFETENSORS_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_INPUT_ELEMENTS", "MAX_NAME_LENGTH",
     "is_known_file", "check_format", "signature_file", "check_signature_name", "shard_file", "single_file",
-    "index_file", "is_identifier_path", "validate_manifest",
+    "index_file", "is_identifier_path", "validate_manifest", "chunk_starts",
 ]
 
 FORMAT_NAME = "distsave"
 # 1: one sha256 per file. 2: one sha256 per HASH_CHUNK_BYTES of each file (parallel hashing).
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: a file may list where its hashed chunks start ("chunk_starts"), so that several processes
+#    writing disjoint byte ranges of one file (a sharded model's slices) each hash their own.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 WEIGHTS = "model"
 OPTIMIZER = "optimizer"
@@ -222,6 +224,12 @@ def validate_manifest(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     return m
 
 
+def chunk_starts(size: int, starts: list[int] | None = None) -> list[int]:
+    """Where each hashed chunk of a ``size``-byte file starts: the listed ``starts``, or one chunk
+    per `HASH_CHUNK_BYTES` (an empty file is one empty chunk)."""
+    return starts if starts is not None else list(range(0, max(size, 1), HASH_CHUNK_BYTES))
+
+
 def _validate_files(s: _Schema, files: Any, version: int) -> None:
     for name, entry in s.dict(files, "files").items():
         if not is_known_file(name):
@@ -231,12 +239,28 @@ def _validate_files(s: _Schema, files: Any, version: int) -> None:
         digests = entry.get("sha256")
         if version == 1:
             digests = [digests]
-        chunks = max(1, -(-size // HASH_CHUNK_BYTES))
+        starts = entry.get("chunk_starts")
+        if starts is not None:
+            _validate_chunk_starts(s, starts, size, version, f"files.{name}.chunk_starts")
+        chunks = len(chunk_starts(size, starts))
         if (not isinstance(digests, list) or len(digests) != chunks
                 or not all(isinstance(d, str) and _SHA256.match(d) for d in digests)):
-            s.fail(f"files.{name}.sha256", f"{chunks} sha256 hex digest(s), one per "
-                   f"{HASH_CHUNK_BYTES} bytes" if version > 1 else "a sha256 hex digest",
-                   entry.get("sha256"))
+            s.fail(f"files.{name}.sha256", f"{chunks} sha256 hex digest(s), one per chunk"
+                   if version > 1 else "a sha256 hex digest", entry.get("sha256"))
+
+
+def _validate_chunk_starts(s: _Schema, starts: Any, size: int, version: int, field: str) -> None:
+    """Strictly increasing offsets from 0, inside the file, no chunk longer than HASH_CHUNK_BYTES
+    (which bounds what a reader holds to check one chunk)."""
+    if version < 3:
+        s.fail(field, "absent before format version 3", starts)
+    starts = s.list(starts, field)
+    ends = starts[1:] + [max(size, 1)]
+    if (not starts or starts[0] != 0
+            or not all(isinstance(a, int) and not isinstance(a, bool) and isinstance(b, int)
+                       and 0 < b - a <= HASH_CHUNK_BYTES for a, b in zip(starts, ends))):
+        s.fail(field, f"increasing byte offsets from 0 below {size}, at most {HASH_CHUNK_BYTES} apart",
+               starts[:8] if isinstance(starts, list) else starts)
 
 
 def _validate_signatures(s: _Schema, signatures: Any) -> None:

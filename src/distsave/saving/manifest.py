@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,9 @@ from .errors import SaveError
 from .format import (DEFAULT_MAX_SHARD_BYTES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, index_file,
                      shard_file, single_file)
 from .snapshot import Snapshot, canonical_manifest_bytes
-from .tensor_io import FileRecord, chunk_digests, run_parallel, write_safetensors
+from .tensor_io import FileRecord, chunk_digests, layout, run_parallel, write_safetensors
 
-__all__ = ["ArtifactWriter", "read_manifest", "seal_manifest"]
+__all__ = ["ArtifactWriter", "FilePlan", "plan_stem", "read_manifest", "seal_manifest"]
 
 
 def _versions() -> dict[str, str]:
@@ -31,6 +33,46 @@ def _versions() -> dict[str, str]:
 
     return {"distsave": __version__, "torch": torch.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """One safetensors file to write: its name, header bytes, each tensor's absolute offset, size."""
+
+    name: str
+    header: bytes
+    offsets: dict[str, int]
+    size: int
+
+
+def plan_stem(stem: str, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+              max_shard_bytes: int | None) -> tuple[list[FilePlan], dict[str, Any] | None]:
+    """The files of ``stem`` for tensors of these dtypes and global shapes: one file, or shards
+    of at most ``max_shard_bytes`` (default 4 GiB) with their Hugging Face index content."""
+    limit = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    if limit <= 0:
+        raise SaveError(f"Expected max_shard_size > 0 bytes. Received: {max_shard_bytes}.")
+    groups: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = [{}]
+    size = 0
+    for name, (dtype, shape) in tensors.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if groups[-1] and size + nbytes > limit:
+            groups.append({})
+            size = 0
+        groups[-1][name] = (dtype, shape)
+        size += nbytes
+    names = ([single_file(stem)] if len(groups) == 1
+             else [shard_file(stem, i, len(groups)) for i in range(len(groups))])
+    files = []
+    for name, group in zip(names, groups):
+        header, offsets = layout(group)
+        data = sum(math.prod(shape) * dtype.itemsize for dtype, shape in group.values())
+        files.append(FilePlan(name, header, offsets, len(header) + data))
+    if len(files) == 1:
+        return files, None
+    total = sum(math.prod(shape) * dtype.itemsize for dtype, shape in tensors.values())
+    weight_map = {key: file.name for file in files for key in file.offsets}
+    return files, {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
 def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -62,30 +104,19 @@ class ArtifactWriter:
                       max_shard_bytes: int | None = None) -> list[str]:
         """``{stem}.safetensors``, or Hugging Face shards ``{stem}-0000i-of-0000n.safetensors``
         of at most ``max_shard_bytes`` each plus ``{stem}.safetensors.index.json``."""
-        limit = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-        if limit <= 0:
-            raise SaveError(f"Expected max_shard_size > 0 bytes. Received: {max_shard_bytes}.")
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, tensor in tensors.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > limit:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            size += nbytes
-        if len(shards) == 1:
-            names = [single_file(stem)]
-        else:
-            names = [shard_file(stem, i, len(shards)) for i in range(len(shards))]
-        for name, shard in zip(names, shards):
-            self.files[name] = write_safetensors(self.staging / name, shard)
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-            self.write_json(index_file(stem), {"metadata": {"total_size": total}, "weight_map": weight_map})
-            names.append(index_file(stem))
-        return names
+        files, index = plan_stem(stem, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()},
+                                 max_shard_bytes)
+        for file in files:
+            self.files[file.name] = write_safetensors(self.staging / file.name,
+                                                      {name: tensors[name] for name in file.offsets})
+        return [file.name for file in files] + self.write_index(stem, index)
+
+    def write_index(self, stem: str, index: dict[str, Any] | None) -> list[str]:
+        """The Hugging Face shard index of ``stem``, if it has shards."""
+        if index is None:
+            return []
+        self.write_json(index_file(stem), index)
+        return [index_file(stem)]
 
     def write_tensor_sets(self, sets: dict[str, dict[str, torch.Tensor]],
                           max_shard_bytes: int | None = None) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..strategies import get_strategy, has_strategy
+from ..strategies import Strategy, get_strategy, has_strategy
 from ..training.model import Model
 from ..training.specs import TensorSpec
 from .architecture import build_module, module_spec
@@ -31,6 +31,7 @@ from .errors import ArtifactError, SaveError
 from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single_file
 from .manifest import ArtifactWriter
 from .signatures import ExportedSignatures, export_signatures
+from .slices import local_slice
 from .snapshot import Snapshot
 from .storage import download_artifact, is_remote, local_path
 from .tensor_io import TensorEntry
@@ -97,6 +98,10 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
                   if strategy.is_chief else None)
     weights = model.state_dict()
     state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
+    if not blocking and any(not local_slice(name, t)[2] for name, t in weights.items()):
+        raise SaveError("model.save(blocking=False) needs the whole model on one replica; under "
+                        "ShardedStrategy each replica holds 1/N and all write their rows together. "
+                        "Save with blocking=True: the replicas write in parallel, straight to the files.")
     if not blocking:
         weights = host_copies(model, weights)
         state_tensors = host_copies(model.optimizer, state_tensors) if state_tensors else {}
@@ -112,14 +117,14 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
         "tied_parameters": _tied_parameters(model),
     }
 
+    tensor_sets = {WEIGHTS: weights, **({OPTIMIZER: state_tensors} if state_tensors else {})}
+
     def write(writer: ArtifactWriter) -> dict[str, Any]:
-        optimizer_set = {OPTIMIZER: state_tensors} if state_tensors else {}
-        writer.write_tensor_sets({WEIGHTS: weights, **optimizer_set}, max_shard_size)
         return {**content, "signatures": signatures.write(writer)}
 
     if not blocking:
-        return write_artifact_in_background(strategy, path, write)
-    write_artifact(strategy, path, write)
+        return write_artifact_in_background(strategy, path, write, tensor_sets, max_shard_size)
+    write_artifact(strategy, path, write, tensor_sets, max_shard_size)
     return SaveHandle(os.fspath(path))
 
 
@@ -210,6 +215,23 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
         with download_artifact(os.fspath(path)) as local:
             return load_model(local, compile=compile)
     strategy = get_strategy()
+    if not has_strategy() or strategy.num_replicas_in_sync == 1:
+        return _load(path, strategy, compile)
+    failure, model = None, None
+    try:
+        model = _load(path, strategy, compile)
+    except Exception as error:  # every replica is told below, so none waits for the others
+        failure = error
+    reports = strategy.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    failed = [f"replica {r}: {report}" for r, report in enumerate(reports) if report is not None]
+    if failed:
+        raise ArtifactError(f"Loading '{path}' failed on another replica: " + "; ".join(failed))
+    return model
+
+
+def _load(path: str | os.PathLike, strategy: Strategy, compile: bool) -> Model:
     with Snapshot.open(local_path(path)) as snapshot, snapshot.damage_first():
         manifest = snapshot.manifest
         where = str(snapshot.root / MANIFEST)
@@ -220,6 +242,7 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
         model = _build_on_meta(manifest["architecture"], specs, where, snapshot.root)
         _rebuilding(where, "tied_parameters", lambda: _tie(model, manifest["tied_parameters"]))
         _adopt_stored_dtypes(model, snapshot.tensor_files(WEIGHTS), str(snapshot.root / single_file(WEIGHTS)))
+        strategy.apply_sharding(model)
         _allocate(model, strategy.device)
         _read_state(snapshot, model)
         restore = compile and manifest.get("compile") is not None
@@ -291,13 +314,26 @@ def _allocate(model: nn.Module, device: torch.device) -> None:
 
 
 def _read_state(snapshot: Snapshot, model: nn.Module) -> None:
-    destinations = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
-    staged = {k: (v if v.is_contiguous() else torch.empty(v.shape, dtype=v.dtype, device=v.device))
-              for k, v in destinations.items()}
-    snapshot.read_tensors(WEIGHTS, staged)
-    for key, tensor in staged.items():
-        if tensor is not destinations[key]:
-            destinations[key].copy_(tensor)
+    read_into_place(snapshot, WEIGHTS, {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()})
+
+
+def read_into_place(snapshot: Snapshot, stem: str, destinations: dict[str, torch.Tensor]) -> None:
+    """Fill each tensor of ``destinations`` from ``stem``: a plain tensor whole, a sharded
+    DTensor only the rows this process holds (the other processes read the rest)."""
+    slices, copy_back, shared = {}, [], False
+    for name, tensor in destinations.items():
+        local, first, replicated = local_slice(name, tensor)
+        shared = shared or not replicated
+        staged = local if local.is_contiguous() else torch.empty(local.shape, dtype=local.dtype, device=local.device)
+        if staged is not local:
+            copy_back.append((local, staged))
+        slices[name] = (staged, first)
+    if shared:
+        snapshot.read_tensor_slices(stem, slices)
+    else:
+        snapshot.read_tensors(stem, {name: staged for name, (staged, _) in slices.items()})
+    for local, staged in copy_back:
+        local.copy_(staged)
 
 
 def _read_optimizer_state(snapshot: Snapshot, model: Model, device: torch.device) -> dict[str, torch.Tensor]:
@@ -317,4 +353,18 @@ def _read_optimizer_state(snapshot: Snapshot, model: Model, device: torch.device
     if problems:
         raise ArtifactError(f"Optimizer state in {snapshot.root / single_file(OPTIMIZER)} does not fit the "
                             "model: " + "; ".join(problems[:10]) + ". Re-save the model.")
-    return snapshot.allocate_and_read(OPTIMIZER, device)  # load_state_dict places each as torch does
+    tensors = {key: _like_parameter(entry, params[key.rpartition("/")[0]], device) for key, entry in stored.items()}
+    read_into_place(snapshot, OPTIMIZER, tensors)
+    return tensors  # load_state_dict places each as torch does
+
+
+def _like_parameter(entry: TensorEntry, param: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Memory for one stored optimizer tensor: sharded like its parameter when the parameter
+    is a sharded DTensor of the same shape, else a plain tensor on ``device``."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor) and entry.shape == tuple(param.shape):
+        local = param.to_local()
+        return DTensor.from_local(torch.empty(local.shape, dtype=entry.dtype, device=local.device),
+                                  param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+    return torch.empty(entry.shape, dtype=entry.dtype, device=device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -77,16 +78,26 @@ def registered(name: str) -> Any | None:
     return _BY_NAME.get(name)
 
 
+def built_class(obj: Any) -> type:
+    """The class ``obj`` was built as, seen through the subclass FSDP2's ``fully_shard`` swaps in
+    (``FSDPLinear`` for ``Linear``), so a sharded model records the same architecture."""
+    cls = type(obj)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is sharded unless it was imported
+    if fsdp is not None and issubclass(cls, fsdp.FSDPModule):
+        return next(base for base in cls.__bases__ if not issubclass(base, fsdp.FSDPModule))
+    return cls
+
+
 def registered_name(obj: Any) -> str | None:
     """The name ``obj``'s class (or ``obj`` itself, for a function) was registered under."""
-    target = obj if inspect.isclass(obj) or inspect.isfunction(obj) else type(obj)
+    target = obj if inspect.isclass(obj) or inspect.isfunction(obj) else built_class(obj)
     name = target.__dict__.get("_distsave_registered_name")
     return name if name is not None and _BY_NAME.get(name) is target else None
 
 
 def captured_config(obj: Any) -> dict[str, Any]:
     """Constructor arguments of a registered instance (``get_config()`` wins if defined)."""
-    if callable(getattr(obj, "get_config", None)) and "get_config" in _own_methods(type(obj)):
+    if callable(getattr(obj, "get_config", None)) and "get_config" in _own_methods(built_class(obj)):
         return dict(obj.get_config())
     return dict(getattr(obj, _CONFIG_ATTR, {}))
 

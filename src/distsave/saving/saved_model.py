@@ -89,7 +89,6 @@ def save(obj: nn.Module, path: str | os.PathLike, signatures: Any = None, *,
     def write(writer: ArtifactWriter) -> dict[str, Any]:
         entries = write_signatures(writer, obj, None if uninitialized else signatures,
                                    input_spec=spec, output_names=output_names)
-        writer.write_tensors(WEIGHTS, state)
         return {"kind": KIND_SAVED_MODEL, "architecture": architecture,
                 "input_spec": None if spec is None else [s.to_json() for s in spec],
                 "parameter_count": sum(v.numel() for k, v in obj.named_parameters() if k not in uninitialized),
@@ -98,4 +97,4 @@ def save(obj: nn.Module, path: str | os.PathLike, signatures: Any = None, *,
                               for k, v in state.items()},
                 "signatures": entries}
 
-    write_artifact(strategy, path, write)
+    write_artifact(strategy, path, write, {WEIGHTS: state})

@@ -22,9 +22,8 @@ from typing import Any
 import torch
 
 from .errors import ArtifactError
-from .format import (HASH_CHUNK_BYTES, MANIFEST, MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES,
-                     check_format, index_file, shard_file, single_file,
-                     validate_manifest)
+from .format import (MANIFEST, MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, check_format,
+                     chunk_starts, index_file, shard_file, single_file, validate_manifest)
 from .tensor_io import TensorEntry, TensorFile, parse_header, read_into
 
 __all__ = ["Snapshot", "parse_json", "canonical_manifest_bytes"]
@@ -74,7 +73,7 @@ class Snapshot:
         self._verified: set[str] = set()
         self._headers: dict[str, TensorFile] = {}
         self._stems: dict[str, tuple[list[str], dict[str, TensorEntry]]] = {}  # stem -> files, entries
-        self._chunk = HASH_CHUNK_BYTES if manifest["format_version"] >= 2 else None
+        self._shared: set[str] = set()  # files read in part here, the rest by other processes
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -175,11 +174,12 @@ class Snapshot:
     def names(self) -> list[str]:
         return sorted(self._files)
 
-    def _digests(self, name: str) -> tuple[list[str], int]:
+    def _digests(self, name: str) -> tuple[list[str], list[int]]:
+        """A file's chunk digests and where each chunk starts."""
         entry = self.manifest["files"][name]
-        if self._chunk is None:  # format 1: one digest for the whole file
-            return [entry["sha256"]], max(entry["bytes"], 1)
-        return entry["sha256"], self._chunk
+        if self.manifest["format_version"] == 1:  # one digest for the whole file
+            return [entry["sha256"]], [0]
+        return entry["sha256"], chunk_starts(entry["bytes"], entry.get("chunk_starts"))
 
     def read_bytes(self, name: str, max_bytes: int) -> bytes:
         """A whole (small) file, checked against its checksums."""
@@ -187,9 +187,9 @@ class Snapshot:
         if size > max_bytes:
             raise ArtifactError(f"{self.root / name} is {size} bytes, over the {max_bytes}-byte limit; refusing it.")
         data = _read_exactly(fd, size, str(self.root / name))
-        digests, chunk = self._digests(name)
-        bad = [i for i in range(len(digests))
-               if hashlib.sha256(data[i * chunk:(i + 1) * chunk]).hexdigest() != digests[i]]
+        digests, starts = self._digests(name)
+        bad = [i for i, (a, b) in enumerate(zip(starts, starts[1:] + [size]))
+               if hashlib.sha256(data[a:b]).hexdigest() != digests[i]]
         if bad:
             raise self._changed(name, bad)
         self._verified.add(name)
@@ -249,11 +249,29 @@ class Snapshot:
             raise ValueError("destinations must name every stored tensor")
         for name in self._stems[stem][0]:
             header = self._headers[name]
-            digests, chunk = self._digests(name)
-            bad = read_into(header, {key: destinations[key] for key in header.entries}, digests, chunk)
+            digests, starts = self._digests(name)
+            bad = read_into(header, {key: (destinations[key], 0) for key in header.entries}, digests, starts)
             if bad:
                 raise self._changed(name, bad)
             self._verified.add(name)
+
+    def read_tensor_slices(self, stem: str, slices: dict[str, tuple[torch.Tensor, int]]) -> None:
+        """Fill each destination with its byte size of a stored tensor's bytes from a first byte
+        (``name -> (destination, first byte)``): the slices one process of several owns. Only
+        the chunks holding them are read and checked; the other processes check the rest, so
+        `verify_remaining` leaves these files to them."""
+        entries = self.tensor_files(stem)
+        unknown = sorted(set(slices) - set(entries))
+        if unknown:
+            raise ValueError(f"no stored tensors named {unknown[:3]}")
+        for name in self._stems[stem][0]:
+            header = self._headers[name]
+            digests, starts = self._digests(name)
+            mine = {key: slices[key] for key in header.entries if key in slices}
+            bad = read_into(header, mine, digests, starts)
+            if bad:
+                raise self._changed(name, bad)
+            self._shared.add(name)
 
     def allocate_and_read(self, stem: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every tensor under ``stem``, freshly allocated (sizes bounded by the files) and read."""
@@ -277,7 +295,7 @@ class Snapshot:
 
     def verify_remaining(self) -> None:
         """Check the checksums of every file not read yet (so a load checks the whole artifact)."""
-        problems = self._content_problems(skip=self._verified)
+        problems = self._content_problems(skip=self._verified | self._shared)
         if problems:
             raise _failed(self.root, problems)
 
@@ -286,10 +304,10 @@ class Snapshot:
         for name, (fd, size) in sorted(self._files.items()):
             if name in skip:
                 continue
-            digests, chunk = self._digests(name)
-            for index, digest in enumerate(digests):
-                data = os.pread(fd, min(chunk, size - index * chunk), index * chunk)
-                if hashlib.sha256(data).hexdigest() != digest:
+            digests, starts = self._digests(name)
+            for index, (start, end) in enumerate(zip(starts, starts[1:] + [size])):
+                data = os.pread(fd, max(end - start, 0), start)
+                if hashlib.sha256(data).hexdigest() != digests[index]:
                     problems.append(f"{name}: content changed (sha256 does not match the manifest)")
                     break
             else:

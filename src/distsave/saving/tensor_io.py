@@ -10,6 +10,7 @@ buffer on the way to a GPU), hashing the very bytes they place. No byte is read 
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import hashlib
 import json
@@ -25,8 +26,9 @@ import torch
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
-__all__ = ["DTYPES", "FileRecord", "TensorEntry", "TensorFile", "chunk_digests", "parse_header",
-           "read_into", "run_parallel", "write_safetensors"]
+__all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "chunk_digests",
+           "flat_bytes", "layout", "parse_header", "read_into", "run_parallel", "write_pieces",
+           "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -43,13 +45,27 @@ _WORKERS = max(4, min(16, os.cpu_count() or 1))
 
 @dataclass(frozen=True)
 class FileRecord:
-    """What the manifest lists for a file: its size and one sha256 per chunk."""
+    """What the manifest lists for a file: its size, one sha256 per chunk, and where the chunks
+    start when they are not the fixed `HASH_CHUNK_BYTES` grid."""
 
     bytes: int
     sha256: list[str]
+    starts: list[int] | None = None
 
     def to_json(self) -> dict:
-        return {"bytes": self.bytes, "sha256": self.sha256}
+        record: dict = {"bytes": self.bytes, "sha256": self.sha256}
+        if self.starts is not None:
+            record["chunk_starts"] = self.starts
+        return record
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One hashed run of bytes a writer placed: ``length`` bytes at ``start``."""
+
+    start: int
+    length: int
+    sha256: str
 
 
 def chunk_digests(data: bytes | memoryview) -> FileRecord:
@@ -60,13 +76,13 @@ def chunk_digests(data: bytes | memoryview) -> FileRecord:
     return FileRecord(len(view), digests)
 
 
-def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's storage as a flat uint8 tensor (same memory)."""
     return tensor.detach().reshape(-1).view(torch.uint8)
 
 
 @dataclass
-class _Piece:
+class Piece:
     """``length`` bytes at file ``offset``, from/to ``source`` (flat uint8 tensor or bytes) at ``at``."""
 
     offset: int
@@ -75,19 +91,40 @@ class _Piece:
     at: int
 
 
-def _chunks(pieces: list[_Piece], chunk: int) -> Iterator[tuple[int, list[_Piece]]]:
-    """Split file-ordered pieces at chunk boundaries: (chunk index, its pieces)."""
-    index, current = 0, []
+def _chunks(pieces: list[Piece], starts: list[int]) -> Iterator[tuple[int, list[Piece]]]:
+    """Split file-ordered pieces at the chunk boundaries ``starts``: (chunk index, its pieces)."""
+    index, current = -1, []
+    for piece in pieces:
+        offset, at, remaining = piece.offset, piece.at, piece.length
+        while remaining:
+            i = bisect.bisect_right(starts, offset) - 1
+            end = starts[i + 1] if i + 1 < len(starts) else offset + remaining
+            take = min(remaining, end - offset)
+            if i != index:
+                if current:
+                    yield index, current
+                index, current = i, []
+            current.append(Piece(offset, take, piece.source, at))
+            offset, at, remaining = offset + take, at + take, remaining - take
+    if current:
+        yield index, current
+
+
+def _segments(pieces: list[Piece], chunk: int) -> Iterator[list[Piece]]:
+    """Group file-ordered pieces into hashed segments: contiguous runs, cut at the ``chunk`` grid
+    (a writer that holds whole chunks thus hashes exactly the grid's chunks)."""
+    current: list[Piece] = []
     for piece in pieces:
         offset, at, remaining = piece.offset, piece.at, piece.length
         while remaining:
             take = min(remaining, (offset // chunk + 1) * chunk - offset)
-            if offset // chunk != index:
-                yield index, current
-                index, current = offset // chunk, []
-            current.append(_Piece(offset, take, piece.source, at))
+            if current and (current[-1].offset + current[-1].length != offset or offset % chunk == 0):
+                yield current
+                current = []
+            current.append(Piece(offset, take, piece.source, at))
             offset, at, remaining = offset + take, at + take, remaining - take
-    yield index, current
+    if current:
+        yield current
 
 
 class _PinnedPool:
@@ -111,7 +148,7 @@ class _PinnedPool:
             self._free.append(staging)
 
 
-def _host_views(pieces: list[_Piece], pool: _PinnedPool | None) -> tuple[list[memoryview], tuple | None]:
+def _host_views(pieces: list[Piece], pool: _PinnedPool | None) -> tuple[list[memoryview], tuple | None]:
     """Host memory for each piece: bytes and CPU tensors as they are, device tensors through
     one pinned buffer (returned, to give back to the pool once written)."""
     staging, used, places = None, 0, []
@@ -138,28 +175,29 @@ def _host_views(pieces: list[_Piece], pool: _PinnedPool | None) -> tuple[list[me
     return views, staging
 
 
-def _header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, torch.Tensor, int]]]:
-    """The safetensors header and each tensor's data offset; tensors ordered by alignment."""
-    order = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
+def layout(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[bytes, dict[str, int]]:
+    """The safetensors header for tensors of these dtypes and shapes, and each one's absolute
+    byte offset in the file; tensors ordered by alignment, then name."""
+    order = sorted(tensors.items(), key=lambda item: (-item[1][0].itemsize, item[0]))
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    layout, offset = [], 0
-    for name, tensor in order:
-        nbytes = tensor.numel() * tensor.element_size()
-        if tensor.dtype not in _CODES:
-            raise ValueError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
-        header[name] = {"dtype": _CODES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        layout.append((name, tensor, offset))
+    offsets, offset = {}, 0
+    for name, (dtype, shape) in order:
+        if dtype not in _CODES:
+            raise ValueError(f"Tensor {name!r} has dtype {dtype}, which safetensors cannot store.")
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offsets[name] = offset
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(len(text) + 8) % 8)  # data starts 8-byte aligned, as the library writes it
-    return struct.pack("<Q", len(text)) + text, layout
+    start = 8 + len(text)
+    return struct.pack("<Q", len(text)) + text, {name: start + o for name, o in offsets.items()}
 
 
 def _for_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """The logical, contiguous tensor to store (a DTensor's full value, no autograd)."""
-    full = getattr(tensor, "full_tensor", None)
-    tensor = full() if callable(full) else tensor
+    """The logical, contiguous tensor to store (no autograd)."""
     return tensor.detach().contiguous()
 
 
@@ -170,37 +208,41 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor])
         OSError: the file cannot be written (disk full, permissions); nothing is retried.
     """
     tensors = {name: _for_storage(t) for name, t in tensors.items()}
-    header, layout = _header(tensors)
-    pieces = [_Piece(0, len(header), header, 0)]
-    pieces += [_Piece(len(header) + offset, t.numel() * t.element_size(), _flat_bytes(t), 0)
-               for _, t, offset in layout if t.numel()]
+    header, offsets = layout({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+    pieces = [Piece(0, len(header), header, 0)]
+    pieces += [Piece(offsets[name], t.numel() * t.element_size(), flat_bytes(t), 0)
+               for name, t in sorted(tensors.items(), key=lambda item: offsets[item[0]]) if t.numel()]
     size = len(header) + sum(p.length for p in pieces[1:])
-    devices = {t.device for t in tensors.values() if t.device.type != "cpu"}
-    pool = _PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         os.ftruncate(fd, size)
-
-        def write_chunk(job: tuple[int, list[_Piece]]) -> str:
-            _, chunk_pieces = job
-            views, staging = _host_views(chunk_pieces, pool)
-            digest = hashlib.sha256()
-            for view in views:
-                digest.update(view)
-            for i in range(0, len(views), _IOV_MAX):
-                batch = views[i:i + _IOV_MAX]
-                _write_fully(fd, batch, chunk_pieces[i].offset)
-            _start_writeback(fd, chunk_pieces[0].offset, sum(p.length for p in chunk_pieces))
-            if staging is not None:
-                pool.give(staging)
-            return digest.hexdigest()
-
-        jobs = list(_chunks(pieces, HASH_CHUNK_BYTES))
-        digests = run_parallel(write_chunk, jobs)
+        segments = write_pieces(fd, pieces)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return FileRecord(size, digests)
+    return FileRecord(size, [segment.sha256 for segment in segments])
+
+
+def write_pieces(fd: int, pieces: list[Piece]) -> list[Segment]:
+    """Write file-ordered, non-overlapping pieces at their offsets with parallel threads, hashing
+    each segment (a contiguous run of pieces, cut at the `HASH_CHUNK_BYTES` grid) as it goes."""
+    devices = {p.source.device for p in pieces if not isinstance(p.source, bytes) and p.source.device.type != "cpu"}
+    pool = _PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
+
+    def write_segment(segment: list[Piece]) -> Segment:
+        views, staging = _host_views(segment, pool)
+        digest = hashlib.sha256()
+        for view in views:
+            digest.update(view)
+        for i in range(0, len(views), _IOV_MAX):
+            _write_fully(fd, views[i:i + _IOV_MAX], segment[i].offset)
+        length = sum(p.length for p in segment)
+        _start_writeback(fd, segment[0].offset, length)
+        if staging is not None:
+            pool.give(staging)
+        return Segment(segment[0].offset, length, digest.hexdigest())
+
+    return run_parallel(write_segment, list(_segments(pieces, HASH_CHUNK_BYTES)))
 
 
 def _writeback_starter() -> Callable[[int, int, int], None]:
@@ -357,23 +399,30 @@ def _entry(key: str, value: object, data_start: int, bad) -> TensorEntry:
     return TensorEntry(key, dtype, tuple(shape), data_start + offsets[0], nbytes)
 
 
-def read_into(file: TensorFile, destinations: dict[str, torch.Tensor],
-              digests: list[str], chunk: int) -> list[int]:
-    """Read every tensor of ``file`` into its destination (same dtype and shape, contiguous,
-    any device), hashing each chunk of the file as it is read.
+def read_into(file: TensorFile, wanted: dict[str, tuple[torch.Tensor, int]],
+              digests: list[str], starts: list[int]) -> list[int]:
+    """Read bytes of ``file``'s tensors into destinations, hashing every chunk on the way.
+
+    ``wanted`` maps a tensor name to ``(destination, first byte)``: the destination (contiguous,
+    any device, any dtype) receives its byte size of the tensor's stored bytes from that byte on;
+    all of a tensor, or the slice one process owns. Every chunk that holds a wanted byte, and
+    the header's, is read whole (bytes nobody wants go to a scratch buffer) so it can be checked.
 
     Returns:
-        The indices of chunks whose sha256 differs from ``digests`` (empty when intact).
+        The indices of chunks read whose sha256 differs from ``digests`` (empty when intact).
     """
-    pieces = [_Piece(0, len(file.header), file.header, 0)]
-    for name, entry in sorted(file.entries.items(), key=lambda item: item[1].start):
-        if entry.nbytes:
-            pieces.append(_Piece(entry.start, entry.nbytes, _flat_bytes(destinations[name]), 0))
-    devices = {t.device for t in destinations.values() if t.device.type != "cpu"}
-    pool = _PinnedPool(next(iter(devices)), chunk) if devices else None
+    pieces = [Piece(0, len(file.header), file.header, 0)]
+    for name, (destination, first) in sorted(wanted.items(), key=lambda item: file.entries[item[0]].start + item[1][1]):
+        flat = flat_bytes(destination)
+        if flat.numel():
+            pieces.append(Piece(file.entries[name].start + first, flat.numel(), flat, 0))
+    devices = {p.source.device for p in pieces if not isinstance(p.source, bytes) and p.source.device.type != "cpu"}
+    pool = _PinnedPool(next(iter(devices)), max(b - a for a, b in zip(starts, starts[1:] + [file.size]))) if devices else None
 
-    def read_chunk(job: tuple[int, list[_Piece]]) -> bool:
+    def read_chunk(job: tuple[int, list[Piece]]) -> bool:
         index, chunk_pieces = job
+        end = starts[index + 1] if index + 1 < len(starts) else file.size
+        chunk_pieces = _fill_gaps(chunk_pieces, starts[index], end)
         digest = hashlib.sha256()
         staged = pool is not None and any(not isinstance(p.source, bytes) and p.source.device.type != "cpu"
                                           for p in chunk_pieces)
@@ -397,7 +446,10 @@ def read_into(file: TensorFile, destinations: dict[str, torch.Tensor],
                 offset = used
                 with torch.cuda.stream(staging[1]):
                     for p in group:
-                        p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length], non_blocking=True)
+                        if p.source.device.type != "cpu":
+                            p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length], non_blocking=True)
+                        else:
+                            p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length])
                         offset += p.length
                 used += sum(p.length for p in group)
         if staging is not None:
@@ -405,13 +457,26 @@ def read_into(file: TensorFile, destinations: dict[str, torch.Tensor],
             pool.give(staging)
         return index < len(digests) and digest.hexdigest() == digests[index]
 
-    jobs = list(_chunks(pieces, chunk))
+    jobs = list(_chunks(pieces, starts))
     return [index for (index, _), ok in zip(jobs, run_parallel(read_chunk, jobs)) if not ok]
 
 
-def _contiguous_reads(pieces: list[_Piece]) -> Iterator[list[_Piece]]:
+def _fill_gaps(pieces: list[Piece], start: int, end: int) -> list[Piece]:
+    """The chunk ``[start, end)`` covered whole: ``pieces`` plus scratch buffers for the bytes
+    between them (bytes this reader does not keep but must hash)."""
+    covered, position = [], start
+    for p in pieces + [Piece(end, 0, b"", 0)]:
+        if p.offset > position:
+            covered.append(Piece(position, p.offset - position, torch.empty(p.offset - position, dtype=torch.uint8), 0))
+        if p.length:
+            covered.append(p)
+        position = p.offset + p.length
+    return covered
+
+
+def _contiguous_reads(pieces: list[Piece]) -> Iterator[list[Piece]]:
     """Group a chunk's pieces into runs read by one ``preadv`` (header bytes stay apart)."""
-    group: list[_Piece] = []
+    group: list[Piece] = []
     for p in pieces:
         if group and (isinstance(p.source, bytes) != isinstance(group[0].source, bytes)
                       or len(group) == _IOV_MAX):

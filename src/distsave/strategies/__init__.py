@@ -4,6 +4,8 @@ from .base import DistributedDataset, ReduceOp, Strategy, get_strategy, has_stra
 from .devices import parse_device
 from .mirrored import MirroredStrategy, MultiWorkerMirroredStrategy
 from .one_device import OneDeviceStrategy
+from .sharded import ShardedStrategy
 
 __all__ = ["DistributedDataset", "MirroredStrategy", "MultiWorkerMirroredStrategy",
-           "OneDeviceStrategy", "ReduceOp", "Strategy", "get_strategy", "has_strategy", "parse_device"]
+           "OneDeviceStrategy", "ReduceOp", "ShardedStrategy", "Strategy", "get_strategy",
+           "has_strategy", "parse_device"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -123,6 +124,17 @@ class Strategy:
         """The chief's ``obj`` on every replica (JSON-able values)."""
         return obj
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every replica's JSON-able ``obj``, in replica order (sent as UTF-8 JSON, never pickled)."""
+        payload = json.dumps(obj).encode()
+        lengths = self._all_gather(torch.tensor([len(payload)], device=self.device), 0).tolist()
+        data = self._all_gather(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device), 0)
+        data, parts, start = bytes(data.cpu().numpy()), [], 0
+        for length in lengths:
+            parts.append(json.loads(data[start:start + length]))
+            start += length
+        return parts
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over replicas (returns a new tensor)."""
         return self._all_reduce_sum(tensor)
@@ -132,8 +144,8 @@ class Strategy:
 
         A sum where only the chief contributes, over the tensors' bits seen as integers, so every
         dtype (bf16 included) arrives bit for bit whatever the backend supports."""
-        if self.num_replicas_in_sync == 1:
-            return
+        if self.num_replicas_in_sync == 1 or getattr(self, "forks", False):
+            return  # a forking controller is one process: its replicas start from its own weights
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for tensor in tensors:
             by_dtype.setdefault(tensor.dtype, []).append(tensor)
@@ -152,9 +164,26 @@ class Strategy:
         """This process's per-replica values as a tuple (one replica per process: ``(value,)``)."""
         return (value,)
 
+    def call_on_replicas(self, fn: Callable[..., Any], model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Run a whole ``fit``/``evaluate``/``predict`` (``fn(model, ...)``) as every replica.
+
+        Here, in this process; a strategy whose replicas must be started per call (forked)
+        overrides it and brings the model's new state back."""
+        return fn(model, *args, **kwargs)
+
     # -- models -------------------------------------------------------------------------
+    def place_model(self, module: nn.Module) -> nn.Module:
+        """Put ``module``'s variables where this strategy keeps them, in place: on this
+        replica's device (ShardedStrategy: sharded over the replicas). Returns ``module``."""
+        return module.to(self.device)
+
     def prepare_for_training(self, module: nn.Module) -> nn.Module:
         """The module that training steps call: the module itself or a data-parallel wrapper."""
+        return module
+
+    def apply_sharding(self, module: nn.Module) -> nn.Module:
+        """Place a freshly built model's parameters as this strategy keeps them (in place; used
+        on the ``meta`` device before loading): sharded under `ShardedStrategy`, else as they are."""
         return module
 
     def describe(self) -> dict[str, Any]:

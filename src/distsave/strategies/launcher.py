@@ -1,7 +1,9 @@
 """Start the other replica processes of a plain ``python script.py`` run, as torchrun would.
 
 The children run the same command with torchrun's environment variables (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the strategy they build joins the same group.
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so the strategy they build joins the same group. A
+program that cannot be run again this way (a Jupyter kernel, pytest, ``python -c``) forks its
+replicas per call instead: see `forked`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import socket
 import subprocess
 import sys
 
-__all__ = ["launch_replicas", "launched_by_torchrun_or_distsave"]
+__all__ = ["launch_replicas", "launched_by_torchrun_or_distsave", "program_can_restart"]
 
 logger = logging.getLogger(__name__)
 _children: list[subprocess.Popen] = []
@@ -23,6 +25,33 @@ _children: list[subprocess.Popen] = []
 
 def launched_by_torchrun_or_distsave() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+# Programs that host the user's code rather than being it: running them again would start
+# another test session or kernel, not the user's training.
+_HOSTS = frozenset({"pytest", "_pytest", "py.test", "ipykernel", "ipykernel_launcher", "IPython",
+                    "ipython", "ipython3", "jupyter", "jupyter-lab", "jupyter-notebook", "spyder",
+                    "pydevd", "xdist"})
+
+
+def program_can_restart() -> bool:
+    """Whether running ``sys.argv`` again starts the user's program (a script or ``-m`` module)."""
+    main = sys.modules.get("__main__")
+    if main is None or hasattr(sys, "ps1") or "IPython" in sys.modules and _in_ipython():
+        return False
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.split(".")[0] not in _HOSTS
+    path = getattr(main, "__file__", None)
+    if not path or not os.path.exists(path) or not sys.argv or sys.argv[0] in ("", "-c", "-"):
+        return False
+    return os.path.basename(path).removesuffix(".py") not in _HOSTS
+
+
+def _in_ipython() -> bool:
+    from IPython import get_ipython  # only asked when IPython is already imported
+
+    return get_ipython() is not None
 
 
 def _free_port() -> int:
@@ -37,13 +66,6 @@ def _relaunch_command() -> list[str]:
     if spec is not None and spec.name:
         module = spec.name.removesuffix(".__main__")
         return [sys.executable, "-m", module, *sys.argv[1:]]
-    if not sys.argv or sys.argv[0] in ("", "-c", "-") or not os.path.exists(sys.argv[0]):
-        raise RuntimeError(
-            "MirroredStrategy with several replicas starts one process per replica by running "
-            f"this program again, but it was started without a script file (sys.argv={sys.argv!r}). "
-            "Run a script (`python train.py`) or start the replicas with "
-            "`torchrun --nproc_per_node N train.py`."
-        )
     return [sys.executable, *sys.argv]
 
 

@@ -7,7 +7,7 @@ import datetime
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .base import Strategy
 from .devices import parse_device
-from .launcher import launch_replicas, launched_by_torchrun_or_distsave
+from .forked import check_can_fork, run_in_forked_replicas
+from .launcher import launch_replicas, launched_by_torchrun_or_distsave, program_can_restart
 
 __all__ = ["MirroredStrategy", "MultiWorkerMirroredStrategy"]
 
@@ -83,8 +84,11 @@ class MirroredStrategy(Strategy):
     """Synchronous training over several replicas of the model, one process each.
 
     Started as a plain ``python script.py``, it launches the other replica processes itself
-    (they run the same command); started by ``torchrun``, it joins torchrun's processes.
-    Gradients are averaged with DDP: NCCL on GPUs, gloo on CPUs.
+    (they run the same command); started by ``torchrun``, it joins torchrun's processes. In a
+    program that cannot be run again (Jupyter/IPython, pytest, ``python -c``) each ``fit``,
+    ``evaluate`` and ``predict`` forks one process per replica and this process keeps the model
+    on the CPU between calls (for GPUs: create the strategy before any CUDA work). Gradients are
+    averaged with DDP: NCCL on GPUs, gloo on CPUs.
 
     Args:
         devices: Replica devices, all CPUs or all GPUs (``["cpu", "cpu"]``,
@@ -111,18 +115,45 @@ class MirroredStrategy(Strategy):
                 f"MirroredStrategy was given {len(replica_devices)} devices but {world} processes "
                 "were started (WORLD_SIZE). Pass as many devices as processes, or devices=None."
             )
+        self.replica_devices, self.timeout = replica_devices, timeout
         self.num_replicas_in_sync = len(replica_devices)
+        self._backend = "nccl" if replica_devices[0].type == "cuda" else "gloo"
+        self.forks = not external and self.num_replicas_in_sync > 1 and not program_can_restart()
+        if self.forks:  # a controller: replicas are forked per call (see `forked`)
+            check_can_fork(replica_devices)
+            self.replica_id, self.device, self._group = 0, torch.device("cpu"), None
+            return
         if not external and self.num_replicas_in_sync > 1:
             launch_replicas(self.num_replicas_in_sync)
             external = True
         self.replica_id = int(os.environ["RANK"]) if external else 0
-        self.device = replica_devices[self.replica_id]
-        self._backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self._use_device(replica_devices[self.replica_id])
+        self._group = self._join_group(external, timeout)
+
+    def _use_device(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         elif (threads := _cpu_threads_per_replica(self.num_replicas_in_sync)) is not None:
             torch.set_num_threads(threads)
-        self._group = self._join_group(external, timeout)
+
+    def become_replica(self, rank: int, init_method: str) -> None:
+        """In a forked child: be replica ``rank`` and join the call's fresh process group.
+
+        One intra-op thread: GNU OpenMP's pool, if the parent used it, is dead in a forked
+        child and waiting for it hangs (a replica has a GPU or shares the cores anyway)."""
+        torch.set_num_threads(1)
+        self.replica_id, self.forks = rank, False
+        self._use_device(self.replica_devices[rank])
+        dist.init_process_group(self._backend, init_method=init_method, rank=rank,
+                                world_size=self.num_replicas_in_sync, timeout=self.timeout)
+        self._group = dist.group.WORLD
+
+    def call_on_replicas(self, fn: Callable[..., Any], model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``fn(model, ...)`` on every replica; forked here when this program cannot be re-run."""
+        if self.forks:
+            return run_in_forked_replicas(self, fn, model, *args, **kwargs)
+        return fn(model, *args, **kwargs)
 
     def _join_group(self, external: bool, timeout: datetime.timedelta) -> dist.ProcessGroup:
         if dist.is_initialized():
@@ -151,6 +182,8 @@ class MirroredStrategy(Strategy):
             _settle(tensors)
 
     def barrier(self) -> None:
+        if self._group is None:
+            return
         if self._backend == "nccl":
             dist.barrier(group=self._group, device_ids=[self.device.index])
         else:
@@ -158,6 +191,8 @@ class MirroredStrategy(Strategy):
 
     def broadcast_object(self, obj: Any) -> Any:
         """The chief's JSON-able ``obj`` on every replica (sent as UTF-8 JSON, never pickled)."""
+        if self._group is None:
+            return obj
         payload = json.dumps(obj).encode() if self.is_chief else b""
         size = torch.tensor([len(payload)], dtype=torch.long, device=self.device)
         dist.broadcast(size, src=0, group=self._group)
@@ -170,16 +205,29 @@ class MirroredStrategy(Strategy):
     def prepare_for_training(self, module: nn.Module) -> nn.Module:
         if self.num_replicas_in_sync == 1:
             return module  # nothing to average: skip DDP's per-step hooks
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, process_group=self._group)
+        if self.device.type != "cuda":
+            return DistributedDataParallel(module, process_group=self._group)
+        # Built on a side stream, as CUDA-graph capture of the step needs: DDP creates the
+        # parameters' gradient accumulators now, and autograd later syncs each with the stream
+        # current here; the legacy default stream may not depend on a capturing one.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            wrapped = DistributedDataParallel(module, device_ids=[self.device.index], process_group=self._group)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return wrapped
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._group is None:
+            return tensor.clone()
         out = tensor.clone()
         dist.all_reduce(out, group=self._group)
         self._settle(out)
         return out
 
     def _all_gather(self, tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        if self._group is None:
+            return tensor
         tensor = tensor.movedim(axis, 0).contiguous()
         sizes = [torch.zeros(1, dtype=torch.long, device=self.device)
                  for _ in range(self.num_replicas_in_sync)]

@@ -165,6 +165,18 @@ def _merge(metrics: list[Metric], strategy: Strategy) -> dict[str, float]:
     return read_logs({m.name: m.result() for m in metrics})
 
 
+def _check_optimizer_holds_parameters(model: Model, strategy: Strategy) -> None:
+    """An optimizer built before a strategy replaced the parameters (sharding does) would
+    step tensors the model no longer uses: training would silently change nothing."""
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for group in model.optimizer.param_groups for p in group["params"]):
+        raise RuntimeError(
+            f"The optimizer holds parameters that the model no longer has: {strategy!r} replaced "
+            "them when it placed the model (sharding makes new, sharded parameters). Build and "
+            "compile the model inside strategy.scope(), so the optimizer is made over them."
+        )
+
+
 def _train_metrics(model: Model) -> list[Metric]:
     """What a step and an evaluation track: the loss, each output's loss, the compiled metrics."""
     return [Mean("loss"), *model.compiled_loss.output_losses(),
@@ -207,8 +219,9 @@ class _Epochs:
 def fit(model: Model, data: Dataset | DistributedDataset, plan: FitPlan, *,
         validation_data: Any, callbacks: list[Callback], verbose: int) -> History:
     strategy = model.distribute_strategy
-    model.to(strategy.device)
     model.replicas_agree()
+    strategy.place_model(model)
+    _check_optimizer_holds_parameters(model, strategy)
     seeds.follow_torch()
     metrics = _train_metrics(model)
     step = make_train_step(model, model.train_module(), strategy, metrics)
@@ -290,8 +303,8 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int,
              steps: int | None = None) -> dict[str, float]:
     """Loss and metrics over ``data`` in eval mode (the model's mode is put back after)."""
     strategy = model.distribute_strategy
-    model.to(strategy.device)
     model.replicas_agree()
+    strategy.place_model(model)
     metrics = _train_metrics(model)
     for metric in metrics:
         metric.reset()
@@ -301,10 +314,10 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int,
         for _, batch in itertools.islice(_global_batches(model, data, strategy), steps):
             x, y = _labels(batch)
             count = batch_rows(y)
-            if count == 0:
-                continue
             with model.precision.autocast(strategy.device):
-                pred = call_model(model, x)
+                pred = call_model(model, x)  # even on an empty part: a sharded model gathers weights
+                if count == 0:
+                    continue
                 metrics[0].update_value(model.compiled_loss(pred, y).float(), count)
                 for metric in metrics[1:]:
                     metric.update(pred, y)
@@ -320,8 +333,8 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int,
 def predict(model: Model, data: Dataset | DistributedDataset, *, steps: int | None = None) -> Any:
     """Every output in order, gathered from all replicas, in eval mode."""
     strategy = model.distribute_strategy
-    model.to(strategy.device)
     model.replicas_agree()
+    strategy.place_model(model)
     outputs = []
     mode = model.training
     model.eval()

@@ -157,14 +157,14 @@ class Model(nn.Module):
         self.precision = Precision(precision)
         if has_strategy():
             self.runtime.strategy = get_strategy()
-        self.to(self.distribute_strategy.device)
+        self.replicas_agree()  # before placing: a sharding strategy then shards one model
+        self.distribute_strategy.place_model(self)  # before the optimizer: it holds what this makes
         self.loss = (resolve_loss(loss) if isinstance(loss, (str, Loss, nn.Module)) or callable(loss)
                      else _per_output(loss, resolve_loss))
         self.compiled_loss = CompiledLoss(self.loss, loss_weights)
         self.loss_weights = self.compiled_loss.weights if self.compiled_loss.structured else None
         self.compiled_metrics, self.metric_outputs = _resolve_metrics(metrics, self.loss)
         self.optimizer = build_optimizer(optimizer, self)
-        self.replicas_agree()
 
     @property
     def compiled(self) -> bool:
@@ -177,7 +177,6 @@ class Model(nn.Module):
         strategy = self.distribute_strategy
         if self.runtime.replicas_synced or strategy.num_replicas_in_sync == 1:
             return
-        self.to(strategy.device)
         strategy.broadcast_tensors([*self.parameters(), *self.buffers()])
         self.runtime.replicas_synced = True
 
@@ -238,8 +237,9 @@ class Model(nn.Module):
                             validation_steps=validation_steps, validation_freq=validation_freq,
                             class_weight=dict(class_weight) if class_weight else None)
         data = as_dataset(x, y, sample_weight=sample_weight, batch_size=batch_size, shuffle=shuffle)
-        return loop.fit(self, data, plan, validation_data=validation_data,
-                        callbacks=list(callbacks or []), verbose=verbose)
+        return self.distribute_strategy.call_on_replicas(
+            loop.fit, self, data, plan, validation_data=validation_data,
+            callbacks=list(callbacks or []), verbose=verbose)
 
     def evaluate(self, x: Any, y: Any = None, *, batch_size: int = 32, verbose: int = 1,
                  sample_weight: Any = None, steps: int | None = None,
@@ -249,13 +249,15 @@ class Model(nn.Module):
         if self.loss is None:
             raise RuntimeError("Call model.compile(...) before evaluate(); it needs a loss.")
         data = as_dataset(x, y, sample_weight=sample_weight, batch_size=batch_size)
-        logs = loop.evaluate(self, data, verbose=verbose, steps=steps)
+        logs = self.distribute_strategy.call_on_replicas(loop.evaluate, self, data, verbose=verbose,
+                                                         steps=steps)
         return logs if return_dict else list(logs.values())
 
     def predict(self, x: Any, *, batch_size: int = 32, steps: int | None = None) -> Any:
         """Outputs for every input, in order, gathered from all replicas (a dict or tuple of
         tensors for a model with several outputs)."""
-        return loop.predict(self, as_dataset(x, None, batch_size=batch_size), steps=steps)
+        return self.distribute_strategy.call_on_replicas(
+            loop.predict, self, as_dataset(x, None, batch_size=batch_size), steps=steps)
 
     def summary(self, print_fn: Callable[[str], Any] = print) -> None:
         """Print a Keras-style table: each layer's output shape and parameters, then the totals."""

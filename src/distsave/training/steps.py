@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils import _pytree as pytree
 
 from ..strategies import Strategy
@@ -121,6 +122,8 @@ class TrainStep:
 class CapturedTrainStep(TrainStep):
     """The same step, captured as a CUDA graph after a few eager warm-up steps."""
 
+    capture_error_mode = "global"  # torch.cuda.graph's: which threads' CUDA calls may break the capture
+
     def __init__(self, model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]):
         super().__init__(model, module, strategy, metrics)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -170,7 +173,7 @@ class CapturedTrainStep(TrainStep):
         self.static_x, self.static_y = x.clone(), y.clone()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
                 self._step(self.static_x, self.static_y, 1.0)
         except Exception as error:  # "auto": train eagerly instead; True: raise
             self.failed = True
@@ -188,8 +191,16 @@ def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics
     reasons = []
     if strategy.device.type != "cuda":
         reasons.append("the model is not on a CUDA device")
-    if strategy.num_replicas_in_sync > 1:
+    replicas = strategy.num_replicas_in_sync > 1 and strategy.device.type == "cuda"
+    if replicas:  # one flat gradient bucket, all-reduced inside the graph
+        from .replica_capture import CapturedReplicaStep, replica_capture_blocker
+
+        if (blocker := replica_capture_blocker(model, strategy)) is not None:
+            reasons.append(blocker)
+    elif strategy.num_replicas_in_sync > 1:
         reasons.append("several replicas average gradients between steps")
+    if isinstance(module, FSDPModule):
+        reasons.append("the parameters are sharded (FSDP2 gathers them around every block)")
     optimizer = model.optimizer
     if model.precision.dtype is torch.float16:
         reasons.append("16-mixed precision scales the loss with host-side checks")
@@ -199,5 +210,10 @@ def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics
         raise ValueError("compile(jit_compile=True) needs a CUDA-graph-safe setup, but "
                          + "; ".join(reasons) + ". Use jit_compile='auto' or False.")
     if mode is False or reasons:
+        if replicas and reasons and mode == "auto":
+            logger.warning("fit: training %d replicas with eager DDP, not a captured step: %s.",
+                           strategy.num_replicas_in_sync, "; ".join(reasons))
         return TrainStep(model, module, strategy, metrics)
+    if replicas:
+        return CapturedReplicaStep(model, module, strategy, metrics)
     return CapturedTrainStep(model, module, strategy, metrics)
