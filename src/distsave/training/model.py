@@ -177,7 +177,10 @@ class Model(nn.Module):
         strategy = self.distribute_strategy
         if self.runtime.replicas_synced or strategy.num_replicas_in_sync == 1:
             return
-        strategy.broadcast_tensors([*self.parameters(), *self.buffers()])
+        state = [*self.parameters(), *self.buffers()]
+        if any(nn.parameter.is_lazy(t) for t in state):
+            return  # lazy layers have no values yet; the training wrapper broadcasts them later
+        strategy.broadcast_tensors(state)
         self.runtime.replicas_synced = True
 
     # -- training and inference ---------------------------------------------------------
