@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
     log = RawLog("dataloader_fit", device)
     print(f"# DataLoader fit vs hand loop: {log.context['card']}, torch {torch.__version__}, "
           f"commit {log.context['commit'][:10]}; raw log {log.path}")
