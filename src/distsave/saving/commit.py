@@ -26,6 +26,7 @@ from .format import MANIFEST
 from .manifest import ArtifactWriter
 from .parallel_write import HeldBytes, Plan, create_files, held_bytes, merge_records, plan_sets, write_held
 from .storage import is_remote, local_path, remote_destination
+from .tensor_io import alongside
 
 TensorSets = dict[str, dict[str, torch.Tensor]]  # stem -> tensor name -> tensor
 
@@ -55,8 +56,8 @@ def write_artifact(strategy: Strategy, path: str | os.PathLike,
                    write: Callable[[ArtifactWriter], dict[str, Any]],
                    tensor_sets: TensorSets | None = None, max_shard_bytes: int | None = None) -> None:
     """Write an artifact to ``path`` atomically: the tensor files of ``tensor_sets`` (by every
-    replica that holds their bytes when there are several), then, on the chief, whatever
-    ``write(writer)`` writes; it returns the manifest content.
+    replica that holds their bytes when there are several) and, on the chief, meanwhile, in the
+    calling thread, whatever ``write(writer)`` writes; it returns the manifest content.
 
     Raises:
         SaveError: on every replica, if any replica could not write or stopped (the previous
@@ -72,8 +73,9 @@ def write_artifact(strategy: Strategy, path: str | os.PathLike,
         try:
             with _staging(path) as staging:
                 writer = ArtifactWriter(staging)
-                writer.write_tensor_sets(tensor_sets, max_shard_bytes)
-                writer.finish(write(writer))
+                _, content = alongside(lambda: writer.write_tensor_sets(tensor_sets, max_shard_bytes),
+                                       lambda: write(writer))
+                writer.finish(content)
         except Exception as error:  # re-raised below, after the other replicas are told
             failure = error
     message = strategy.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
@@ -118,9 +120,13 @@ def _write_together(strategy: Strategy, path: str | os.PathLike, write: Callable
                 raise SaveError(f"Cannot save a sharded model to '{path}': not every replica sees the "
                                 "chief's staging folder there. Save to a file system all machines share.")
             report: dict[str, Any] = {}
+            content: dict[str, Any] = {}
+            writer = ArtifactWriter(staging) if strategy.is_chief else None
             if shared or strategy.is_chief:
                 try:
-                    report = write_held(staging, plan, held, rank, world) if shared else write_held(staging, plan, held, 0, 1)
+                    report, content = alongside(
+                        lambda: write_held(staging, plan, held, *((rank, world) if shared else (0, 1))),
+                        lambda: write(writer) if writer is not None else {})
                     if shared:
                         _written_marker(staging, rank).touch()
                 except Exception as error:  # told to every replica below
@@ -131,11 +137,10 @@ def _write_together(strategy: Strategy, path: str | os.PathLike, write: Callable
             if strategy.is_chief:
                 for r in range(world):
                     _written_marker(staging, r).unlink(missing_ok=True)
-                writer = ArtifactWriter(staging)
                 writer.files.update(merge_records(plan, reports))
                 for stem, index in plan.indexes.items():
                     writer.write_index(stem, index)
-                writer.finish(write(writer))
+                writer.finish(content)
     except Exception as error:  # the chief's listing or commit failed: told to every replica below
         if not finishing:
             raise

@@ -94,8 +94,10 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     input_spec = [s.to_json() for s in model.input_spec]
     rebuilt = _check_rebuilds(architecture, model)
     strategy = model.distribute_strategy
-    signatures = (_export_serving(model, rebuilt, json.dumps([architecture, input_spec]))
-                  if strategy.is_chief else None)
+    export_key = json.dumps([architecture, input_spec])
+    # A blocking save exports its program while the tensors are written; a background save
+    # exports before it returns, while the model is as saved.
+    exported = _export_serving(model, rebuilt, export_key) if strategy.is_chief and not blocking else None
     weights = model.state_dict()
     state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
     if not blocking and any(not local_slice(name, t)[2] for name, t in weights.items()):
@@ -120,6 +122,7 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     tensor_sets = {WEIGHTS: weights, **({OPTIMIZER: state_tensors} if state_tensors else {})}
 
     def write(writer: ArtifactWriter) -> dict[str, Any]:
+        signatures = exported or _export_serving(model, rebuilt, export_key)
         return {**content, "signatures": signatures.write(writer)}
 
     if not blocking:

@@ -26,7 +26,7 @@ import torch
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
-__all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "chunk_digests",
+__all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
            "flat_bytes", "layout", "parse_header", "read_into", "run_parallel", "write_pieces",
            "write_safetensors"]
 
@@ -304,6 +304,32 @@ def run_parallel(work: Callable[[Any], Any], jobs: list, workers: int = _WORKERS
     if errors:
         raise errors[0]
     return results
+
+
+def alongside(background: Callable[[], Any], foreground: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run ``background`` in a thread while ``foreground`` runs in the caller's thread (which keeps
+    work that is not thread-safe, such as ``torch.export``); return both results once both end.
+
+    Raises:
+        The foreground's error, else the background's.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = background()
+        except BaseException as error:  # raised below, in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="distsave-write", daemon=True)
+    thread.start()
+    try:
+        result = foreground()
+    finally:
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"], result
 
 
 # -- reading ------------------------------------------------------------------------------
