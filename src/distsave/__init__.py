@@ -1,6 +1,6 @@
 """distsave: train under a distribution strategy, save once, load anywhere."""
 
-from . import callbacks, data, layers, saved_model, strategies
+from . import callbacks, data, layers, saved_model, strategies, utils
 from .data import datasets
 from .saving import ArtifactError, SaveError, load_model, register_serializable, wait_for_saves
 from .saving.checkpoint_manager import CheckpointManager
@@ -22,5 +22,5 @@ __all__ = [
     "MultiWorkerMirroredStrategy", "OneDeviceStrategy", "ReduceOp", "SaveError", "Sequential",
     "ShardedStrategy", "Strategy", "TensorSpec", "__version__", "callbacks", "data", "datasets",
     "get_strategy", "layers", "load_model", "losses", "metrics", "register_serializable",
-    "saved_model", "strategies", "wait_for_saves",
+    "saved_model", "strategies", "utils", "wait_for_saves",
 ]

@@ -53,3 +53,8 @@ def test_unknown_dataset_and_split():
         distsave.datasets.load("cifar")
     with pytest.raises(ValueError, match="Unknown split"):
         distsave.datasets.load("mnist", split="validation")
+
+
+def test_split_sizes_answer_to_the_tfds_name():
+    _, info = distsave.datasets.load("mnist", with_info=True)
+    assert info.splits["train"].num_examples == info.splits["train"] == 60000

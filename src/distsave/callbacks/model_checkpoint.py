@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
-from ..saving.errors import SaveError
 from ..training.callbacks import Callback, read_logs
+from ..training.weights import save_weights
 from .backup import check_save_freq
 from .monitor import Monitor
 
@@ -94,27 +91,6 @@ class ModelCheckpoint(Callback):
         if self.verbose and strategy.is_chief:
             logger.warning("ModelCheckpoint: saving to %s.", path)
         if self.save_weights_only:
-            _save_weights(self.model, Path(path))
+            save_weights(self.model, path)
         else:
             self.model.save(path, blocking=self.blocking)
-
-
-def _save_weights(model: Any, path: Path) -> None:
-    """The chief writes ``state_dict`` as one safetensors file (a sibling renamed into place)."""
-    strategy = model.distribute_strategy
-    failure = None
-    if strategy.is_chief:
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(temporary), metadata={"format": "pt"})
-            os.replace(temporary, path)
-        except (OSError, RuntimeError) as error:
-            temporary.unlink(missing_ok=True)
-            failure = f"{type(error).__name__}: {error}"
-    failure = strategy.broadcast_object(failure)
-    if failure is not None:
-        raise SaveError(f"Could not write the weights to '{path}': {failure}. Choose a writable path.")
-
-

@@ -2,7 +2,7 @@
 
 from . import datasets
 from .dataset import Dataset, Table
-from .info import DatasetInfo, FeatureInfo
+from .info import DatasetInfo, FeatureInfo, SplitInfo
 from .mnist import DatasetFileError
 
-__all__ = ["Dataset", "DatasetFileError", "DatasetInfo", "FeatureInfo", "Table", "datasets"]
+__all__ = ["Dataset", "DatasetFileError", "DatasetInfo", "FeatureInfo", "SplitInfo", "Table", "datasets"]

@@ -9,7 +9,6 @@ stacking Python objects, and so that the trainer can move the table to a device 
 from __future__ import annotations
 
 import queue
-import random
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
+
+from . import seeds
 
 __all__ = ["Dataset", "Table"]
 
@@ -76,6 +77,29 @@ class Dataset:
             )
         return _Slices(tensors, lengths.pop())
 
+    @staticmethod
+    def from_generator(source: Any) -> Dataset:
+        """Elements from a Python generator: pass the function that makes it (called each
+        pass) or a generator object (read once). numpy arrays become tensors.
+
+        Example:
+            >>> ds = Dataset.from_generator(lambda: ((np.ones(3), i) for i in range(5)))
+            >>> len(list(ds.batch(2)))
+            3
+        """
+        from .streams import from_generator
+
+        return from_generator(source)
+
+    @staticmethod
+    def from_dataloader(loader: Any) -> Dataset:
+        """The batches of a ``torch.utils.data.DataLoader``. Under a multi-replica strategy each
+        replica loads only its part of each global batch (shuffle on or off; see
+        `distsave.data.streams`)."""
+        from .streams import from_dataloader
+
+        return from_dataloader(loader)
+
     # -- transformations ----------------------------------------------------------------
     def map(self, fn: Callable[..., Element]) -> Dataset:
         """Apply ``fn`` to every element; tuple elements are unpacked into arguments."""
@@ -107,7 +131,8 @@ class Dataset:
 
     # -- iteration ----------------------------------------------------------------------
     def __iter__(self) -> Iterator[Element]:
-        return self.iterate(seed=random.getrandbits(63))
+        seeds.follow_torch()
+        return self.iterate(seed=seeds.draw_seed())
 
     def iterate(self, seed: int) -> Iterator[Element]:
         """Iterate with ``seed`` driving unseeded shuffles; replicas pass the same seed."""
@@ -128,6 +153,12 @@ class Dataset:
 
     def cardinality(self) -> int | None:
         """Number of elements, or None when unknown."""
+        return None
+
+    def replica_batches(self, seed: int, num_replicas: int,
+                        replica_id: int) -> Iterator[tuple[int, Element]] | None:
+        """``(global batch size, this replica's part)`` per batch where this dataset can read each
+        replica's part alone; None where each replica reads whole batches and keeps its part."""
         return None
 
     def _elements(self, seed: int) -> Iterator[Element]:
@@ -217,9 +248,8 @@ class _Shuffle(Dataset):
         return Table(parent.tensors, parent.order[positions])
 
     def _elements(self, seed: int) -> Iterator[Element]:
-        items = list(self._parent.iterate(seed))
         rng = np.random.default_rng(self._pass_seed(seed))
-        return (items[i] for i in buffered_shuffle_positions(len(items), self._buffer_size, rng))
+        return streaming_shuffle(self._parent.iterate(seed), self._buffer_size, rng)
 
     def cardinality(self) -> int | None:
         return self._parent.cardinality()
@@ -247,6 +277,25 @@ def buffered_shuffle_positions(n: int, buffer_size: int, rng: np.random.Generato
     remaining = np.arange(buffer_size)
     remaining[slot_sorted[last_in_slot]] = incoming_sorted[last_in_slot]
     return np.concatenate([emitted, rng.permutation(remaining)])
+
+
+def streaming_shuffle(items: Iterator[Element], buffer_size: int,
+                      rng: np.random.Generator) -> Iterator[Element]:
+    """tf.data's ``shuffle(buffer_size)`` over a stream, holding at most ``buffer_size`` items.
+
+    It draws from ``rng`` exactly as `buffered_shuffle_positions` does, so a stream and a table
+    of the same rows come out in the same order.
+    """
+    buffer: list[Element] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(0, buffer_size))
+        yield buffer[slot]
+        buffer[slot] = item
+    for slot in rng.permutation(len(buffer)).tolist():
+        yield buffer[slot]
 
 
 class _Batch(Dataset):

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class SplitInfo(int):
+    """A split's example count, with tfds' ``num_examples`` name (it is also the int itself)."""
+
+    @property
+    def num_examples(self) -> int:
+        return int(self)
+
+
 @dataclass(frozen=True, kw_only=True)
 class FeatureInfo:
     shape: tuple[int, ...]
@@ -20,6 +28,9 @@ class DatasetInfo:
     features: dict[str, FeatureInfo]
     splits: dict[str, int]
     data_dir: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "splits", {k: SplitInfo(v) for k, v in self.splits.items()})
 
     @property
     def num_examples(self) -> int:

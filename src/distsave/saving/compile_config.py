@@ -62,6 +62,35 @@ def _loss_from_json(data: dict[str, Any]) -> Loss:
     raise ArtifactError(f"Unknown loss entry in the manifest: {data!r}.")
 
 
+def _losses_to_json(model: Model) -> dict[str, Any]:
+    """One loss as before; per-output losses as ``{"kind": "per_output", "outputs": {key: loss},
+    "weights": {key: w}}`` (tuple positions as ``"0"``, ``"1"``… with ``"positional": true``)."""
+    if not isinstance(model.loss, dict):
+        return _loss_to_json(model.loss)
+    positional = all(isinstance(k, int) for k in model.loss)
+    return {"kind": "per_output", "positional": positional,
+            "outputs": {str(k): _loss_to_json(v) for k, v in model.loss.items()},
+            "weights": {str(k): w for k, w in (model.loss_weights or {}).items()}}
+
+
+def _losses_from_json(data: dict[str, Any]) -> tuple[Any, dict[Any, float] | None]:
+    if data.get("kind") != "per_output":
+        return _loss_from_json(data), None
+    outputs, weights = data.get("outputs"), data.get("weights", {})
+    if not isinstance(outputs, dict) or not outputs or not isinstance(weights, dict) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights.values()):
+        raise ArtifactError(f"Malformed per-output loss entry in the manifest: {data!r}.")
+    key = _positional_key if data.get("positional") is True else str
+    return ({key(k): _loss_from_json(v) for k, v in outputs.items()},
+            {key(k): float(w) for k, w in weights.items()} or None)
+
+
+def _positional_key(text: str) -> int:
+    if not text.isdigit():
+        raise ArtifactError(f"A positional output key must be a number. Received: {text!r}.")
+    return int(text)
+
+
 def _parameter_names(model: Model) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
@@ -77,13 +106,15 @@ def compile_to_json(model: Model) -> dict[str, Any] | None:
             k: jsonable(v) for k, v in group.items() if k != "params"}
         groups.append({**hyper, "params": [names[id(p)] for p in group["params"]]})
     metrics = []
-    for metric in model.compiled_metrics:
+    for metric, output in zip(model.compiled_metrics, model.metric_outputs):
         if metrics_module.CLASSES.get(type(metric).__name__) is not type(metric):
             raise SaveError(f"Cannot save the metric {type(metric).__qualname__}; use a built-in metric.")
-        metrics.append({"class": type(metric).__name__, "config": metric.get_config()})
+        entry = {"class": type(metric).__name__, "config": metric.get_config()}
+        metrics.append(entry if output is None else {**entry, "output": str(output)})
     optimizer = {**optimizer_config(model.optimizer), "param_groups": groups}
     optimizer["class"] = registered_name(model.optimizer) or optimizer["class"]
-    return {"loss": _loss_to_json(model.loss), "metrics": metrics, "optimizer": optimizer}
+    return {"loss": _losses_to_json(model), "metrics": metrics, "optimizer": optimizer,
+            "precision": model.precision.name}
 
 
 def optimizer_state(model: Model) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -102,13 +133,21 @@ def optimizer_state(model: Model) -> tuple[dict[str, torch.Tensor], dict[str, di
 def restore_compile(model: Model, config: dict[str, Any], state_tensors: dict[str, torch.Tensor],
                     state_scalars: dict[str, dict[str, Any]]) -> None:
     """Compile ``model`` as recorded and put the optimizer's state back."""
-    loss = _loss_from_json(config["loss"])
-    metrics = []
+    loss, loss_weights = _losses_from_json(config["loss"])
+    metrics: list | dict = [] if not isinstance(loss, dict) else {key: [] for key in loss}
     for entry in config.get("metrics", []):
         cls = metrics_module.CLASSES.get(entry.get("class"))
         if cls is None:
             raise ArtifactError(f"Unknown metric class {entry.get('class')!r} in the manifest.")
-        metrics.append(cls(**entry.get("config", {})))
+        metric = cls(**entry.get("config", {}))
+        if isinstance(metrics, dict):
+            output = next((k for k in metrics if str(k) == entry.get("output")), None)
+            if output is None:
+                raise ArtifactError(f"A metric names output {entry.get('output')!r}, which has no "
+                                    f"loss; outputs: {list(metrics)}.")
+            metrics[output].append(metric)
+        else:
+            metrics.append(metric)
     opt = config["optimizer"]
     cls = registered(opt["class"]) or optimizer_class(opt["class"])
     params = dict(model.named_parameters())
@@ -121,7 +160,8 @@ def restore_compile(model: Model, config: dict[str, Any], state_tensors: dict[st
         groups.append({**tuples_back({k: v for k, v in group.items() if k != "params"}, accepted),
                        "params": [params[n] for n in group["params"]]})
     defaults = tuples_back({k: v for k, v in opt["defaults"].items() if k in accepted}, accepted)
-    model.compile(optimizer=lambda _: cls(groups, **defaults), loss=loss, metrics=metrics)
+    model.compile(optimizer=lambda _: cls(groups, **defaults), loss=loss, metrics=metrics,
+                  loss_weights=loss_weights, precision=config.get("precision", "32"))
     index = {name: i for i, name in enumerate(n for g in opt["param_groups"] for n in g["params"])}
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in state_tensors.items():

@@ -76,6 +76,14 @@ class ConcreteSignature:
         return dict(zip(self.output_names, values))
 
 
+class Signatures(dict):
+    """Signatures by name; a missing name's `KeyError` lists the ones there are."""
+
+    def __missing__(self, name: str) -> ConcreteSignature:
+        available = ", ".join(map(repr, self)) or "none (the artifact was saved without signatures)"
+        raise KeyError(f"No signature {name!r} in this artifact. Available: {available}.")
+
+
 class LoadedModel:
     """What `load` returns: ``signatures``, shared ``variables``, and the saved specs."""
 
@@ -83,10 +91,14 @@ class LoadedModel:
                  variables: dict[str, torch.Tensor], programs: dict[str, dict[str, Any]]):
         self.manifest = manifest
         self.programs = programs
-        self.signatures = signatures
+        self.signatures = Signatures(signatures)
         self.variables = variables
         self.input_spec = (None if manifest.get("input_spec") is None
                            else [TensorSpec.from_json(s) for s in manifest["input_spec"]])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Run ``serving_default`` (as ``loaded.signatures["serving_default"](...)``)."""
+        return self.signatures["serving_default"](*args, **kwargs)
 
     @property
     def trainable_variables(self) -> list[nn.Parameter]:

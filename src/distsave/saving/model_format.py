@@ -203,7 +203,8 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
         compile: Restore loss, metrics and optimizer state (default), so ``fit`` continues.
 
     Returns:
-        The `Model`, with ``epoch`` and ``step`` as when saved.
+        The `Model` in eval mode (call it for inference; `fit` trains and puts the mode back),
+        with ``epoch`` and ``step`` as when saved.
 
     Raises:
         ArtifactError: the artifact is missing, corrupted, altered, hostile or names unknown
@@ -252,12 +253,13 @@ def _load(path: str | os.PathLike, strategy: Strategy, compile: bool) -> Model:
         snapshot.verify_remaining()
     model.input_spec = specs
     model.runtime.strategy = strategy if has_strategy() else None
+    model.runtime.replicas_synced = True  # every replica read the same file: nothing to broadcast
     if restore:
         _rebuilding(where, "compile", lambda: restore_compile(
             model, manifest["compile"], optimizer_tensors, manifest.get("optimizer_state", {})))
     state = manifest.get("training_state", {})
     model.epoch, model.step = state.get("epoch", 0), state.get("step", 0)
-    return model
+    return model.eval()  # inference, as Keras' model(x); fit switches to training and back
 
 
 def _rebuilding(where: str, field: str, build: Any) -> Any:

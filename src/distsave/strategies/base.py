@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,9 +17,13 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..data import seeds
 from ..data.dataset import Dataset
 
 __all__ = ["DistributedDataset", "ReduceOp", "Strategy", "get_strategy", "has_strategy"]
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class ReduceOp(str, enum.Enum):
@@ -136,6 +139,31 @@ class Strategy:
         """Sum a tensor over replicas (returns a new tensor)."""
         return self._all_reduce_sum(tensor)
 
+    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` in place with the chief's values (one collective per dtype).
+
+        A sum where only the chief contributes, over the tensors' bits seen as integers, so every
+        dtype (bf16 included) arrives bit for bit whatever the backend supports."""
+        if self.num_replicas_in_sync == 1 or getattr(self, "forks", False):
+            return  # a forking controller is one process: its replicas start from its own weights
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for tensor in tensors:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for dtype, group in by_dtype.items():
+            flat = torch.cat([t.detach().reshape(-1).to(self.device) for t in group])
+            wire = flat.view(_BITS[flat.element_size()]) if dtype != torch.bool else flat.to(torch.uint8)
+            if not self.is_chief:
+                wire = torch.zeros_like(wire)
+            summed = self._all_reduce_sum(wire)
+            summed = summed.to(torch.bool) if dtype == torch.bool else summed.view(dtype)
+            with torch.no_grad():
+                for tensor, part in zip(group, summed.split([t.numel() for t in group])):
+                    tensor.copy_(part.view_as(tensor))
+
+    def experimental_local_results(self, value: Any) -> tuple[Any, ...]:
+        """This process's per-replica values as a tuple (one replica per process: ``(value,)``)."""
+        return (value,)
+
     def call_on_replicas(self, fn: Callable[..., Any], model: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """Run a whole ``fit``/``evaluate``/``predict`` (``fn(model, ...)``) as every replica.
 
@@ -178,7 +206,13 @@ class DistributedDataset:
         self.dataset, self.strategy = dataset, strategy
 
     def __iter__(self) -> Iterator[Any]:
-        seed = self.strategy.broadcast_object(random.getrandbits(63))
+        seeds.follow_torch()
+        seed = self.strategy.broadcast_object(seeds.draw_seed())
+        own = self.dataset.replica_batches(seed, self.strategy.num_replicas_in_sync,
+                                           self.strategy.replica_id)
+        if own is not None:
+            device = self.strategy.device
+            return (pytree.tree_map(lambda t: t.to(device, non_blocking=True), part) for _, part in own)
         return (self.strategy.shard(batch) for batch in self.dataset.iterate(seed))
 
     def __len__(self) -> int:

@@ -2,36 +2,61 @@
 
 from __future__ import annotations
 
-import random
+import itertools
+import logging
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
 
+from ..data import seeds
 from ..data.dataset import Dataset, Table
 from ..strategies import DistributedDataset, Strategy
 from .callbacks import Callback, History, ProgressBar, read_logs
 from .interrupts import Interrupts, TrainingPreempted
 from .metrics import Mean, Metric
 from .steps import make_train_step
+from .structures import Selected, Weighted, batch_rows, call_model
 
 if TYPE_CHECKING:
     from .model import Model
 
-__all__ = ["as_dataset", "evaluate", "fit", "predict"]
+__all__ = ["FitPlan", "evaluate", "fit", "predict"]
+
+logger = logging.getLogger(__name__)
 
 
-def as_dataset(x: Any, y: torch.Tensor | None, batch_size: int) -> Dataset | DistributedDataset:
-    """Accept a dataset as is; wrap tensors into a batched dataset as Keras does for arrays."""
-    if isinstance(x, (Dataset, DistributedDataset)):
-        if y is not None:
-            raise ValueError("Pass labels inside the dataset; y= is only for tensor inputs.")
-        return x
-    if isinstance(x, torch.Tensor):
-        return Dataset.from_tensor_slices(x if y is None else (x, y)).batch(batch_size)
-    raise TypeError(f"Expected a distsave Dataset or a tensor. Received: {type(x).__name__}.")
+@dataclass(frozen=True, kw_only=True)
+class FitPlan:
+    """How long `fit` trains and when it validates (Keras' keyword arguments)."""
+
+    epochs: int
+    initial_epoch: int | None = None
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
+    validation_freq: int = 1
+    class_weight: dict[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps_per_epoch", "validation_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"Expected {name} >= 1 or None. Received: {name}={value}.")
+        if self.validation_freq < 1:
+            raise ValueError(f"Expected validation_freq >= 1. Received: {self.validation_freq}.")
+
+    def epoch_range(self, model_epoch: int) -> range:
+        if self.initial_epoch is None:
+            return range(model_epoch, model_epoch + self.epochs)
+        return range(self.initial_epoch, self.epochs)
+
+
+def _on_device(batch: Any, device: torch.device) -> Any:
+    return pytree.tree_map(
+        lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
 
 
 _DEVICE_TABLES = 4  # datasets kept on a device per model (train, validation, ...)
@@ -59,15 +84,18 @@ def _global_batches(model: Model, data: Dataset | DistributedDataset,
     once and each batch is gathered there: no host work or copy per step.
     """
     dataset = data.dataset if isinstance(data, DistributedDataset) else data
-    seed = strategy.broadcast_object(random.getrandbits(63))
+    seed = strategy.broadcast_object(seeds.draw_seed())
+    own = dataset.replica_batches(seed, strategy.num_replicas_in_sync, strategy.replica_id)
+    if own is not None:  # each replica loads only its part (a DataLoader over a map-style dataset)
+        for size, part in own:
+            yield size, _on_device(part, strategy.device)
+        return
     row_batches = getattr(dataset, "row_batches", None)
     rows = row_batches(seed) if row_batches is not None and strategy.device.type == "cuda" else None
     tensors = _device_tensors(model, rows[0], strategy.device) if rows else None
     if tensors is None:
         for batch in dataset.iterate(seed) if rows is None else (rows[0].gather(b) for b in rows[1]):
-            first = batch[0] if isinstance(batch, (tuple, list)) else batch
-            size = len(first) if isinstance(first, torch.Tensor) and first.ndim else 1
-            yield size, strategy.shard(batch)
+            yield batch_rows(batch), strategy.shard(batch)
         return
     sizes = [len(b) for b in rows[1]]
     order = torch.cat(rows[1]).to(strategy.device, non_blocking=True) if sizes else None
@@ -77,21 +105,39 @@ def _global_batches(model: Model, data: Dataset | DistributedDataset,
         yield size, pytree.tree_map(lambda t: t[indices], tensors)
 
 
-def _split(batch: Any, supervised: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if supervised:
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2
-                and all(isinstance(t, torch.Tensor) for t in batch)):
-            kind = (f"a dict with keys {sorted(batch)}" if isinstance(batch, dict)
-                    else f"{type(batch).__name__} of length {len(batch)}"
-                    if isinstance(batch, (tuple, list)) else type(batch).__name__)
-            raise TypeError(
-                f"Expected a dataset of (inputs, labels) pairs of tensors. Received batches of {kind}. "
-                "Load with as_supervised=True, or map elements to (inputs, labels) tuples."
-            )
-        return batch[0], batch[1]
-    if isinstance(batch, (tuple, list)):
-        return batch[0], None
-    return batch, None
+def _labels(batch: Any, class_weight: dict[int, float] | None = None) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of a supervised batch; labels become `Weighted` where the batch has
+    sample weights (its third item) or ``class_weight`` is given."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) in (2, 3)):
+        kind = (f"a dict with keys {sorted(batch)}" if isinstance(batch, dict)
+                else f"{type(batch).__name__} of length {len(batch)}"
+                if isinstance(batch, (tuple, list)) else type(batch).__name__)
+        raise TypeError(
+            "Expected batches of (inputs, labels) pairs or (inputs, labels, sample_weights) "
+            f"triples. Received batches of {kind}. Load with as_supervised=True, or map elements "
+            "to (inputs, labels) tuples.")
+    x, y = batch[0], batch[1]
+    weights = batch[2] if len(batch) == 3 else None
+    if class_weight is not None:
+        if not isinstance(y, torch.Tensor) or y.is_floating_point():
+            raise ValueError("class_weight needs integer class labels (one tensor of shape [batch]). "
+                             "For other labels pass sample weights instead.")
+        table = torch.zeros(max(max(class_weight), int(y.max()) if y.numel() else 0) + 1, device=y.device)
+        for label, weight in class_weight.items():
+            table[label] = weight
+        # classes missing from class_weight keep weight 1, as Keras does
+        missing = torch.ones_like(table, dtype=torch.bool)
+        missing[list(class_weight)] = False
+        table[missing] = 1.0
+        class_weights = table[y]
+        weights = class_weights if weights is None else weights * class_weights
+    return x, (y if weights is None else Weighted(y, weights))
+
+
+def _inputs(batch: Any) -> Any:
+    """The inputs of a batch: its first item when it is an ``(inputs,)``, ``(inputs, labels)`` or
+    ``(inputs, labels, weights)`` tuple (so several inputs without labels come as ``((a, b),)``)."""
+    return batch[0] if isinstance(batch, (tuple, list)) and len(batch) in (1, 2, 3) else batch
 
 
 class _LiveLogs(Mapping):
@@ -131,38 +177,86 @@ def _check_optimizer_holds_parameters(model: Model, strategy: Strategy) -> None:
         )
 
 
-def fit(model: Model, data: Dataset | DistributedDataset, *, epochs: int,
+def _train_metrics(model: Model) -> list[Metric]:
+    """What a step and an evaluation track: the loss, each output's loss, the compiled metrics."""
+    return [Mean("loss"), *model.compiled_loss.output_losses(),
+            *(Selected(m, key) for m, key in zip(model.compiled_metrics, model.metric_outputs))]
+
+
+class _Epochs:
+    """Each epoch's batches: a fresh pass, or with ``steps_per_epoch`` the next that many batches
+    of a pass that carries on across epochs (a new pass starts when one runs out)."""
+
+    def __init__(self, model: Model, data: Dataset | DistributedDataset, steps: int | None):
+        self.model, self.data, self.steps = model, data, steps
+        self._pass: Iterator[tuple[int, Any]] | None = None
+        self.exhausted = False
+
+    def __call__(self) -> Iterator[tuple[int, Any]]:
+        strategy = self.model.distribute_strategy
+        if self.steps is None:
+            return _global_batches(self.model, self.data, strategy)
+        return self._carry_on(strategy)
+
+    def _carry_on(self, strategy: Strategy) -> Iterator[tuple[int, Any]]:
+        for _ in range(self.steps):
+            batch = next(self._pass, None) if self._pass is not None else None
+            if batch is None:
+                try:
+                    self._pass = _global_batches(self.model, self.data, strategy)
+                    batch = next(self._pass, None)
+                except ValueError as spent:  # a generator object read to its end
+                    logger.warning("fit: %s", spent)
+                    batch = None
+            if batch is None:
+                logger.warning("fit: the data ran out before steps_per_epoch=%d steps; training stops.",
+                               self.steps)
+                self.exhausted = True
+                return
+            yield batch
+
+
+def fit(model: Model, data: Dataset | DistributedDataset, plan: FitPlan, *,
         validation_data: Any, callbacks: list[Callback], verbose: int) -> History:
     strategy = model.distribute_strategy
+    model.replicas_agree()
     strategy.place_model(model)
     _check_optimizer_holds_parameters(model, strategy)
-    metrics = [Mean("loss"), *model.compiled_metrics]
+    seeds.follow_torch()
+    metrics = _train_metrics(model)
     step = make_train_step(model, model.train_module(), strategy, metrics)
     history = History()
-    steps = data.dataset.cardinality() if isinstance(data, DistributedDataset) else data.cardinality()
+    steps = plan.steps_per_epoch or (data.dataset.cardinality() if isinstance(data, DistributedDataset)
+                                     else data.cardinality())
+    epochs = plan.epoch_range(model.epoch)
     callbacks = [*callbacks, history]
     if verbose and strategy.is_chief:
         callbacks.insert(0, ProgressBar())
-    last_epoch = model.epoch + epochs  # a callback restoring a backup moves model.epoch, not this
+    last_epoch = epochs.stop  # a callback restoring a backup moves model.epoch, not this
     model.stop_training = False
+    model.epoch = epochs.start
     for callback in callbacks:
         callback.set_model(model)
         callback.set_params({"epochs": last_epoch, "steps": steps, "verbose": verbose,
                              "data": data, "metrics": metrics})
         callback.on_train_begin()
     live = _LiveLogs(metrics)
+    epoch_batches = _Epochs(model, data, plan.steps_per_epoch)
     interrupts = Interrupts(strategy)  # SIGTERM is caught until it is closed
+    mode = model.training
     try:
         for epoch in range(model.epoch, last_epoch):
             model.train()
             step.begin_epoch()
             for callback in callbacks:
                 callback.on_epoch_begin(epoch)
-            batches = enumerate(_global_batches(model, data, strategy))
+            batches = enumerate(epoch_batches())
             for callback in callbacks:
                 batches = callback.on_epoch_batches(epoch, batches)
+            trained = 0
             for index, (global_size, batch) in batches:
-                x, y = _split(batch, supervised=True)
+                trained += 1
+                x, y = _labels(batch, plan.class_weight)
                 step(x, y, global_size)
                 model.step += 1
                 for callback in callbacks:
@@ -172,18 +266,21 @@ def fit(model: Model, data: Dataset | DistributedDataset, *, epochs: int,
                     _preempt(model, callbacks, epoch, index + 1)
                 if model.stop_training:
                     break
+            if epoch_batches.exhausted and not trained:
+                break  # steps_per_epoch over a spent stream: nothing left to train or report
             logs = _merge(metrics, strategy)
-            if validation_data is not None:
-                logs.update({f"val_{k}": v for k, v in evaluate(model, validation_data, verbose=0).items()})
-                model.train()
+            if validation_data is not None and (epoch + 1 - epochs.start) % plan.validation_freq == 0:
+                logs.update({f"val_{k}": v for k, v in evaluate(
+                    model, validation_data, verbose=0, steps=plan.validation_steps).items()})
             model.epoch = epoch + 1
             for callback in callbacks:
                 callback.on_epoch_end(epoch, logs)
-            if model.stop_training:
+            if model.stop_training or epoch_batches.exhausted:
                 break
     finally:
         interrupts.close()
         step.end()
+        model.train(mode)
     interrupts.deliver_pending()
     for callback in callbacks:
         callback.on_train_end()
@@ -202,22 +299,30 @@ def _preempt(model: Model, callbacks: list[Callback], epoch: int, batch: int) ->
 
 
 @torch.no_grad()
-def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int) -> dict[str, float]:
+def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int,
+             steps: int | None = None) -> dict[str, float]:
+    """Loss and metrics over ``data`` in eval mode (the model's mode is put back after)."""
     strategy = model.distribute_strategy
+    model.replicas_agree()
     strategy.place_model(model)
-    model.eval()
-    loss_metric = Mean("loss")
-    metrics = [loss_metric, *model.compiled_metrics]
+    metrics = _train_metrics(model)
     for metric in metrics:
         metric.reset()
-    for _, batch in _global_batches(model, data, strategy):
-        x, y = _split(batch, supervised=True)
-        pred = model(x)  # even on an empty part: a sharded model gathers weights with its peers
-        if len(y) == 0:
-            continue
-        loss_metric.update_value(model.loss(pred, y), len(y))
-        for metric in model.compiled_metrics:
-            metric.update(pred, y)
+    mode = model.training
+    model.eval()
+    try:
+        for _, batch in itertools.islice(_global_batches(model, data, strategy), steps):
+            x, y = _labels(batch)
+            count = batch_rows(y)
+            with model.precision.autocast(strategy.device):
+                pred = call_model(model, x)  # even on an empty part: a sharded model gathers weights
+                if count == 0:
+                    continue
+                metrics[0].update_value(model.compiled_loss(pred, y).float(), count)
+                for metric in metrics[1:]:
+                    metric.update(pred, y)
+    finally:
+        model.train(mode)
     logs = _merge(metrics, strategy)
     if verbose and strategy.is_chief:
         print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()), flush=True)
@@ -225,12 +330,21 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int) 
 
 
 @torch.no_grad()
-def predict(model: Model, data: Dataset | DistributedDataset) -> torch.Tensor:
+def predict(model: Model, data: Dataset | DistributedDataset, *, steps: int | None = None) -> Any:
+    """Every output in order, gathered from all replicas, in eval mode."""
     strategy = model.distribute_strategy
+    model.replicas_agree()
     strategy.place_model(model)
-    model.eval()
     outputs = []
-    for _, batch in _global_batches(model, data, strategy):
-        x, _ = _split(batch, supervised=False)
-        outputs.append(strategy.gather(model(x)) if strategy.num_replicas_in_sync > 1 else model(x))
-    return torch.cat(outputs)
+    mode = model.training
+    model.eval()
+    try:
+        for _, batch in itertools.islice(_global_batches(model, data, strategy), steps):
+            with model.precision.autocast(strategy.device):
+                out = call_model(model, _inputs(batch))
+            outputs.append(strategy.gather(out) if strategy.num_replicas_in_sync > 1 else out)
+    finally:
+        model.train(mode)
+    if not outputs:
+        raise ValueError("predict() got no batches: the data is empty.")
+    return pytree.tree_map(lambda *parts: torch.cat(parts), *outputs)

@@ -30,6 +30,16 @@ class Loss:
     def check(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> None:
         """Raise a clear error for labels that do not fit this loss (runs on the first batch)."""
 
+    def per_sample(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+        """One loss value per example (shape ``[batch]``), which sample weights scale."""
+        raise TypeError(f"{type(self).__name__} has no per-example form, which sample_weight and "
+                        "class_weight need. Use a built-in loss name or an nn loss module.")
+
+
+def _per_example(values: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the batch one."""
+    return values.reshape(len(values), -1).mean(1) if values.ndim > 1 else values
+
 
 def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')} tensor of shape {tuple(t.shape)}"
@@ -47,6 +57,11 @@ class SparseCategoricalCrossentropy(Loss):
         if self.from_logits:
             return F.cross_entropy(y_pred, y_true)
         return F.nll_loss(torch.log(y_pred.clamp_min(1e-7)), y_true)
+
+    def per_sample(self, y_pred, y_true):
+        if self.from_logits:
+            return F.cross_entropy(y_pred, y_true, reduction="none")
+        return F.nll_loss(torch.log(y_pred.clamp_min(1e-7)), y_true, reduction="none")
 
     def get_config(self):
         return {"from_logits": self.from_logits}
@@ -74,8 +89,11 @@ class CategoricalCrossentropy(Loss):
         self.from_logits = from_logits
 
     def __call__(self, y_pred, y_true):
+        return self.per_sample(y_pred, y_true).mean()
+
+    def per_sample(self, y_pred, y_true):
         log_p = F.log_softmax(y_pred, -1) if self.from_logits else torch.log(y_pred.clamp_min(1e-7))
-        return -(y_true * log_p).sum(-1).mean()
+        return _per_example(-(y_true * log_p).sum(-1))
 
     def get_config(self):
         return {"from_logits": self.from_logits}
@@ -103,6 +121,12 @@ class BinaryCrossentropy(Loss):
             return F.binary_cross_entropy_with_logits(y_pred, y_true)
         return F.binary_cross_entropy(y_pred, y_true)
 
+    def per_sample(self, y_pred, y_true):
+        y_true = y_true.to(y_pred.dtype)
+        if self.from_logits:
+            return _per_example(F.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none"))
+        return _per_example(F.binary_cross_entropy(y_pred, y_true, reduction="none"))
+
     def get_config(self):
         return {"from_logits": self.from_logits}
 
@@ -118,10 +142,16 @@ class MeanSquaredError(Loss):
     def __call__(self, y_pred, y_true):
         return F.mse_loss(y_pred, y_true.to(y_pred.dtype))
 
+    def per_sample(self, y_pred, y_true):
+        return _per_example(F.mse_loss(y_pred, y_true.to(y_pred.dtype), reduction="none"))
+
 
 class MeanAbsoluteError(Loss):
     def __call__(self, y_pred, y_true):
         return F.l1_loss(y_pred, y_true.to(y_pred.dtype))
+
+    def per_sample(self, y_pred, y_true):
+        return _per_example(F.l1_loss(y_pred, y_true.to(y_pred.dtype), reduction="none"))
 
 
 class ModuleLoss(Loss):
@@ -136,6 +166,15 @@ class ModuleLoss(Loss):
 
     def __call__(self, y_pred, y_true):
         return self.module(y_pred, y_true)
+
+    def per_sample(self, y_pred, y_true):
+        if getattr(self.module, "reduction", None) not in ("mean", "sum", "none"):
+            return super().per_sample(y_pred, y_true)
+        reduction, self.module.reduction = self.module.reduction, "none"
+        try:
+            return _per_example(self.module(y_pred, y_true))
+        finally:
+            self.module.reduction = reduction
 
     def check(self, y_pred, y_true):
         if isinstance(self.module, (nn.CrossEntropyLoss, nn.NLLLoss)) and y_true.shape == y_pred.shape[:1]:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 __all__ = ["Metric", "Mean", "SparseCategoricalAccuracy", "CategoricalAccuracy", "BinaryAccuracy",
-           "resolve_metric"]
+           "MeanAbsoluteError", "MeanSquaredError", "resolve_metric"]
 
 
 class Metric:
@@ -73,8 +73,20 @@ class BinaryAccuracy(Metric):
         return {"name": self.name, "threshold": self.threshold}
 
 
+class MeanAbsoluteError(Metric):
+    def contribution(self, y_pred, y_true):
+        return (y_pred - y_true.to(y_pred.dtype)).abs().sum(), y_true.numel()
+
+
+class MeanSquaredError(Metric):
+    def contribution(self, y_pred, y_true):
+        return (y_pred - y_true.to(y_pred.dtype)).square().sum(), y_true.numel()
+
+
 _SNAKE = {SparseCategoricalAccuracy: "sparse_categorical_accuracy",
-          CategoricalAccuracy: "categorical_accuracy", BinaryAccuracy: "binary_accuracy", Mean: "mean"}
+          CategoricalAccuracy: "categorical_accuracy", BinaryAccuracy: "binary_accuracy",
+          MeanAbsoluteError: "mean_absolute_error", MeanSquaredError: "mean_squared_error", Mean: "mean"}
+_SHORT = {"mae": MeanAbsoluteError, "mse": MeanSquaredError}
 BY_NAME: dict[str, type[Metric]] = {name: cls for cls, name in _SNAKE.items() if cls is not Mean}
 CLASSES: dict[str, type[Metric]] = {cls.__name__: cls for cls in _SNAKE}
 
@@ -95,6 +107,9 @@ def resolve_metric(metric: str | Metric, loss: Any) -> Metric:
         if loss_accuracy == "binary_accuracy" and not getattr(loss, "from_logits", True):
             return BinaryAccuracy(name=metric, threshold=0.5)
         return BY_NAME[loss_accuracy](name=metric)
+    if metric in _SHORT:
+        return _SHORT[metric](name=metric)
     if metric not in BY_NAME:
-        raise ValueError(f"Unknown metric {metric!r}. Known names: {['accuracy', *sorted(BY_NAME)]}.")
+        raise ValueError(f"Unknown metric {metric!r}. Known names: "
+                         f"{['accuracy', *sorted(_SHORT), *sorted(BY_NAME)]}.")
     return BY_NAME[metric]()

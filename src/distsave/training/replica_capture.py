@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..strategies import Strategy
 from .metrics import Metric
 from .steps import CapturedTrainStep, TrainStep
+from .structures import batch_rows
 
 if TYPE_CHECKING:
     from .model import Model
@@ -69,7 +70,7 @@ class CapturedReplicaStep(CapturedTrainStep):
         dist.all_reduce(self.flat, op=dist.ReduceOp.AVG, group=self.group)  # NCCL's communicator, now
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
-        if len(y) * self.strategy.num_replicas_in_sync != global_size:  # uneven shards: eager, scaled
+        if batch_rows(y) * self.strategy.num_replicas_in_sync != global_size:  # uneven shards: eager, scaled
             TrainStep.__call__(self, x, y, global_size)
             return
         super().__call__(x, y, global_size)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import seeds
 from ..data.dataset import Dataset
 from ..strategies import DistributedDataset, Strategy
 from .metrics import Metric
@@ -90,9 +91,9 @@ def _shuffles(data: Dataset | DistributedDataset) -> list[Any]:
 
 
 def epoch_data_state(data: Dataset | DistributedDataset) -> dict[str, Any]:
-    """Taken as an epoch begins: what decides that epoch's data order (the Python RNG that will
-    draw the shuffle seed, and the shuffles' pass counters)."""
-    return {"epoch_random": python_random_to_json(random.getstate()),
+    """Taken as an epoch begins: what decides that epoch's data order (the generator that will
+    draw the shuffle seed, `distsave.data.seeds`, and the shuffles' pass counters)."""
+    return {"epoch_random": python_random_to_json(seeds.get_state()),
             "shuffle_passes": [node._passes for node in _shuffles(data)]}
 
 
@@ -105,7 +106,7 @@ def restore_data_state(data: Dataset | DistributedDataset, state: TrainingState)
                          f"fit's dataset has {len(nodes)}. Resume with the same input pipeline.")
     for node, count in zip(nodes, passes):
         node._passes = count
-    random.setstate(_python_random_from_json(state.resume["epoch_random"]))
+    seeds.set_state(_python_random_from_json(state.resume["epoch_random"]))
 
 
 # -- per-replica state -------------------------------------------------------------------------

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.utils import _pytree as pytree
 
 from ..strategies import Strategy
 from .metrics import Metric
 from .specs import describe_tensor
+from .structures import batch_rows, call_model
 
 if TYPE_CHECKING:
     from .model import Model
@@ -54,6 +56,7 @@ class TrainStep:
         self.sums = torch.zeros(len(metrics), 2, dtype=torch.float64, device=strategy.device)
         self.checked = False
         self.grads_to_none = True  # cheaper eagerly; a captured graph needs its grads to stay put
+        self.scaler = model.precision.grad_scaler(strategy.device)
 
     def begin_epoch(self) -> None:
         """Zero the sums; each metric's state becomes a live view of its row."""
@@ -65,36 +68,42 @@ class TrainStep:
         """Undo anything the step changed for its own sake (see `CapturedTrainStep`)."""
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
-        if len(y) == 0:  # this replica's part of a tiny global batch is empty: join DDP anyway
-            (self.module(x).sum() * 0).backward()
+        rows = batch_rows(y)
+        if rows == 0:  # this replica's part of a tiny global batch is empty: join DDP anyway
+            (sum(t.sum() for t in pytree.tree_leaves(call_model(self.module, x))) * 0).backward()
             self._apply()
             return
         replicas = self.strategy.num_replicas_in_sync
-        self._step(x, y, len(y) * replicas / global_size)
+        self._step(x, y, rows * replicas / global_size)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The forward pass; the first one also explains bad inputs and labels."""
         if self.checked:
-            return self.module(x)
+            return call_model(self.module, x)
         try:
-            pred = self.module(x)
+            pred = call_model(self.module, x)
         except (RuntimeError, TypeError) as error:
+            shown = (describe_tensor(x) if isinstance(x, torch.Tensor)
+                     else pytree.tree_map(describe_tensor, x))
             raise ValueError(
-                f"The model failed on the first batch of inputs, a {describe_tensor(x)} tensor: "
+                f"The model failed on the first batch of inputs, {shown}: "
                 f"{error}. Check that the dataset's map gives the dtype and shape the first layer "
                 "expects (e.g. float32 [batch, 1, 28, 28] for nn.Conv2d(1, ...))."
             ) from error
-        self.model.loss.check(pred, y)
+        self.model.compiled_loss.check(pred, y)
         self.checked = True
         return pred
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> None:
-        pred = self._forward(x, y)
-        loss = self.model.loss(pred, y)
+        with self.model.precision.autocast(self.strategy.device):
+            pred = self._forward(x, y)
+            loss = self.model.compiled_loss(pred, y)
         # Each replica's mean loss, scaled so DDP's average is the global-batch mean.
-        (loss * scale if scale != 1 else loss).backward()
+        scaled = loss * scale if scale != 1 else loss
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         self._apply()
-        pred, count = pred.detach(), torch.full((), len(y), dtype=torch.float64, device=y.device)
+        pred = pytree.tree_map(torch.Tensor.detach, pred)
+        count = torch.full((), batch_rows(y), dtype=torch.float64, device=self.strategy.device)
         rows = [torch.stack([loss.detach().double() * count, count])]
         for metric in self.metrics[1:]:
             total, n = metric.contribution(pred, y)
@@ -102,7 +111,11 @@ class TrainStep:
         self.sums.add_(torch.stack(rows))
 
     def _apply(self) -> None:
-        self.model.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.model.optimizer)
+            self.scaler.update()
+        else:
+            self.model.optimizer.step()
         self.model.optimizer.zero_grad(set_to_none=self.grads_to_none)
 
 
@@ -139,7 +152,9 @@ class CapturedTrainStep(TrainStep):
             self._move_steps(torch.device("cpu"))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
-        if self.graph is not None and x.shape == self.static_x.shape:
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):  # structures: eager
+            super().__call__(x, y, global_size)
+        elif self.graph is not None and x.shape == self.static_x.shape:
             self.static_x.copy_(x)
             self.static_y.copy_(y)
             self.graph.replay()
@@ -189,6 +204,8 @@ def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics
     if isinstance(module, FSDPModule):
         reasons.append("the parameters are sharded (FSDP2 gathers them around every block)")
     optimizer = model.optimizer
+    if model.precision.dtype is torch.float16:
+        reasons.append("16-mixed precision scales the loss with host-side checks")
     if "capturable" not in optimizer.defaults and not isinstance(optimizer, _GRAPH_SAFE_OPTIMIZERS):
         reasons.append(f"{type(optimizer).__name__} has no 'capturable' mode")
     if mode is True and reasons:
