@@ -12,8 +12,8 @@ dropped before each load. Each timing runs from a barrier to a barrier (the slow
 Loads are checked against per-rank checksums the save wrote. Prints a markdown table and
 writes it with a JSON-lines log under benchmarks/results/.
 
-Ways: ceiling (each rank writes its shard bytes from pinned memory to its own file with 4
-threads + fsync; reads them back with 4 threads), dcp (torch.distributed.checkpoint save/load
+Ways: ceiling (each rank writes its shard bytes from pinned memory to its own files with 4
+threads + fsync, as checkpoint_io.py's ceiling; reads them back with 4 threads), dcp (torch.distributed.checkpoint save/load
 of the sharded model and optimizer state), gather (full state gathered to rank 0's CPU, one
 safetensors save_file: save only), distsave (model.save / load_model under ShardedStrategy).
 """
@@ -29,17 +29,16 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from checkpoint_io_ways import fsync_path, read_parts, write_parts
+
 HERE = Path(__file__).resolve().parent
 WAYS = ("ceiling", "dcp", "gather", "distsave")
 LOADS = ("ceiling", "dcp", "distsave")
-THREADS = 4
-CHUNK = 64 * 2**20
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,7 +112,8 @@ def save_ways(model, folder: Path, rank: int) -> dict[str, Callable[[], None]]:
             n = t.numel() * t.element_size()
             buffer[offset:offset + n].copy_(t.reshape(-1).view(torch.uint8))
             offset += n
-        write_parts(folder / "ceiling", rank, memoryview(buffer.numpy()))
+        (folder / "ceiling").mkdir(exist_ok=True)
+        write_parts(folder / "ceiling", f"rank{rank}", memoryview(buffer.numpy()))
 
     def gather() -> None:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -125,62 +125,12 @@ def save_ways(model, folder: Path, rank: int) -> dict[str, Callable[[], None]]:
                          if isinstance(v, torch.Tensor) and v.dim()})
             (folder / "gather").mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in full.items()}, folder / "gather" / "state.safetensors")
-            fsync(folder / "gather" / "state.safetensors")
+            fsync_path(folder / "gather" / "state.safetensors")
 
     return {"ceiling": ceiling,
             "dcp": lambda: dcp.save(dcp_state(model), checkpoint_id=str(folder / "dcp")),
             "gather": gather,
             "distsave": lambda: model.save(folder / "distsave")}
-
-
-def write_parts(folder: Path, rank: int, memory: memoryview) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    step = -(-len(memory) // THREADS)
-
-    def write(part: int) -> None:
-        start, end = part * step, min(len(memory), (part + 1) * step)
-        fd = os.open(folder / f"rank{rank}-part{part}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            position = start
-            while position < end:
-                position += os.pwrite(fd, memory[position:min(end, position + CHUNK)], position - start)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        list(pool.map(write, range(THREADS)))
-
-
-def read_parts(folder: Path, rank: int, total: int) -> torch.Tensor:
-    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-    memory = memoryview(buffer.numpy())
-    step = -(-total // THREADS)
-
-    def read(part: int) -> None:
-        start, end = part * step, min(total, (part + 1) * step)
-        fd = os.open(folder / f"rank{rank}-part{part}.bin", os.O_RDONLY)
-        try:
-            position = start
-            while position < end:
-                got = os.preadv(fd, [memory[position:min(end, position + CHUNK)]], position - start)
-                if got == 0:
-                    raise EOFError(f"rank{rank}-part{part}.bin ends early")
-                position += got
-        finally:
-            os.close(fd)
-
-    with ThreadPoolExecutor(THREADS) as pool:
-        list(pool.map(read, range(THREADS)))
-    return buffer
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def drop_cache(folder: Path) -> str:
@@ -234,7 +184,9 @@ def worker(args: argparse.Namespace) -> None:
                 results["cache_drop"] = drop_cache(folder)
             strategy.barrier()
             if way == "ceiling":
-                results[way] = timed(strategy, lambda: read_parts(folder / "ceiling", rank, ceiling_bytes))
+                buffer = torch.empty(ceiling_bytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+                results[way] = timed(strategy, lambda: read_parts(folder / "ceiling", f"rank{rank}",
+                                                                  memoryview(buffer.numpy())))
             elif way == "dcp":
                 for t in local_state(model).values():
                     t.zero_()

@@ -145,8 +145,17 @@ def save_ceiling(model: distsave.Model, folder: Path) -> Callable[[], Any]:
     memory = memoryview(buffer.numpy())
     folder.mkdir(parents=True)
 
+    def run() -> None:
+        write_parts(folder, "part", memory)
+        fsync_path(folder)
+    return run
+
+
+def write_parts(folder: Path, prefix: str, memory: memoryview) -> None:
+    """The disk ceiling's write: WRITERS threads, each its part of ``memory`` into its own file
+    ``{prefix}-{i}.bin``, fsync'd."""
     def write(part: int, start: int, end: int) -> None:
-        fd = os.open(folder / f"part-{part}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(folder / f"{prefix}-{part}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             position = start
             while position < end:
@@ -155,11 +164,8 @@ def save_ceiling(model: distsave.Model, folder: Path) -> Callable[[], Any]:
         finally:
             os.close(fd)
 
-    def run() -> None:
-        with ThreadPoolExecutor(WRITERS) as pool:
-            list(pool.map(lambda a: write(*a), ((i, *r) for i, r in enumerate(_ranges(len(memory))))))
-        fsync_path(folder)
-    return run
+    with ThreadPoolExecutor(WRITERS) as pool:
+        list(pool.map(lambda a: write(*a), ((i, *r) for i, r in enumerate(_ranges(len(memory))))))
 
 
 def load_ceiling(folder: Path, device: str, layout: Layout) -> Callable[[], Tensors]:
@@ -167,23 +173,28 @@ def load_ceiling(folder: Path, device: str, layout: Layout) -> Callable[[], Tens
     views = _views(buffer, layout)
     memory = memoryview(buffer.numpy())
 
+    def run() -> Tensors:
+        read_parts(folder, "part", memory)
+        return views
+    return run
+
+
+def read_parts(folder: Path, prefix: str, memory: memoryview) -> None:
+    """The disk ceiling's read: what `write_parts` wrote, back into ``memory``."""
     def read(part: int, start: int, end: int) -> None:
-        fd = os.open(folder / f"part-{part}.bin", os.O_RDONLY)
+        fd = os.open(folder / f"{prefix}-{part}.bin", os.O_RDONLY)
         try:
             position = start
             while position < end:
                 got = os.preadv(fd, [memory[position:min(end, position + CHUNK)]], position - start)
                 if got == 0:
-                    raise EOFError(f"{folder}/part-{part}.bin ends early")
+                    raise EOFError(f"{folder}/{prefix}-{part}.bin ends early")
                 position += got
         finally:
             os.close(fd)
 
-    def run() -> Tensors:
-        with ThreadPoolExecutor(WRITERS) as pool:
-            list(pool.map(lambda a: read(*a), ((i, *r) for i, r in enumerate(_ranges(len(memory))))))
-        return views
-    return run
+    with ThreadPoolExecutor(WRITERS) as pool:
+        list(pool.map(lambda a: read(*a), ((i, *r) for i, r in enumerate(_ranges(len(memory))))))
 
 
 # -- peers ----------------------------------------------------------------------------------------
