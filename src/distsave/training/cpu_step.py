@@ -1,0 +1,57 @@
+"""The CPU train step: the eager step with what a profile of it on a CPU says pays.
+
+Profiled on the workflow CNN at batch 64 (2 cores), the eager step spent about 37% of its time
+in ``max_pool2d_with_indices`` (PyTorch's NCHW CPU kernel is a scalar loop) and about 14% in
+Adam's dozen small ops per parameter. This step runs the forward pass under `FastPooling`
+(the same values, indices and gradients from the vectorised channels-last kernel) and switches
+optimizers that have a fused CPU kernel to it for the length of ``fit``. Results equal the
+plain step's within float32 rounding. ``compile(jit_compile=False)`` turns it off.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..strategies import Strategy
+from .fast_pool import FastPooling
+from .metrics import Metric
+from .steps import TrainStep
+
+if TYPE_CHECKING:
+    from .model import Model
+
+__all__ = ["CpuTrainStep"]
+
+# torch.optim classes with a fused CPU kernel (torch >= 2.4); others keep their own path.
+_FUSED_ON_CPU = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
+
+
+def _fusable(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """Fuse only what the user left to torch: ``fused`` and ``foreach`` unset, plain floats."""
+    return (type(optimizer) in _FUSED_ON_CPU and group.get("fused") is None
+            and not group.get("foreach") and not group.get("differentiable")
+            and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64, torch.bfloat16,
+                                                           torch.float16) for p in group["params"]))
+
+
+class CpuTrainStep(TrainStep):
+    """`TrainStep` with fast pooling in the forward pass and a fused optimizer during ``fit``."""
+
+    def __init__(self, model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]):
+        super().__init__(model, module, strategy, metrics)
+        self._fused_groups = [group for group in model.optimizer.param_groups
+                              if _fusable(model.optimizer, group)]
+        for group in self._fused_groups:
+            group["fused"] = True
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with FastPooling():
+            return super()._forward(x, y)
+
+    def end(self) -> None:
+        """Give the optimizer back as compiled, so a saved artifact never records 'fused'."""
+        for group in self._fused_groups:
+            group["fused"] = None
