@@ -15,6 +15,7 @@ from ..strategies import DistributedDataset, Strategy
 from .callbacks import Callback, History, ProgressBar, read_logs
 from .interrupts import Interrupts, TrainingPreempted
 from .metrics import Mean, Metric
+from .cpu_step import fast_cpu_inference
 from .steps import make_train_step
 
 if TYPE_CHECKING:
@@ -201,7 +202,8 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int) 
         x, y = _split(batch, supervised=True)
         if len(y) == 0:
             continue
-        pred = model(x)
+        with fast_cpu_inference(model, strategy.device):
+            pred = model(x)
         loss_metric.update_value(model.loss(pred, y), len(y))
         for metric in model.compiled_metrics:
             metric.update(pred, y)
@@ -219,5 +221,7 @@ def predict(model: Model, data: Dataset | DistributedDataset) -> torch.Tensor:
     outputs = []
     for _, batch in _global_batches(model, data, strategy):
         x, _ = _split(batch, supervised=False)
-        outputs.append(strategy.gather(model(x)) if strategy.num_replicas_in_sync > 1 else model(x))
+        with fast_cpu_inference(model, strategy.device):
+            pred = model(x)
+        outputs.append(strategy.gather(pred) if strategy.num_replicas_in_sync > 1 else pred)
     return torch.cat(outputs)
