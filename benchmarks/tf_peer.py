@@ -88,7 +88,12 @@ def serve(args: argparse.Namespace) -> dict:
     import tensorflow as tf
 
     loaded = tf.saved_model.load(args.directory)
-    infer = loaded.signatures["serving_default"]
+    signature = loaded.signatures["serving_default"]
+    key = next(iter(signature.structured_input_signature[1]))  # signatures take keyword inputs
+
+    def infer(x):
+        return signature(**{key: x})
+
     _, _, test_x, test_y = _data(args.data)
     images = tf.constant(test_x[..., None].astype(np.float32) / 255.0)
     first = infer(images[:64])

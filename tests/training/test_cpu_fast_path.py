@@ -101,3 +101,26 @@ def test_explicit_optimizer_choices_are_kept(small_train):
     model = cnn_model(optimizer=lambda params: torch.optim.Adam(params, foreach=True))
     model.fit(small_train.take(1), epochs=1, verbose=0)
     assert model.optimizer.param_groups[0]["fused"] is None and model.optimizer.param_groups[0]["foreach"]
+
+
+def test_the_step_keeps_the_thread_count_its_first_steps_ran_fastest_with(monkeypatch):
+    import time as clock
+
+    from distsave.training import cpu_step
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        choice = cpu_step._ThreadChoice()
+
+        def step():  # as on a busy machine: two threads wait for each other
+            clock.sleep(0.004 if torch.get_num_threads() == 2 else 0.001)
+
+        for _ in range(cpu_step._WARMUP + 2 * cpu_step._TIMED):
+            choice.run(step)
+        assert torch.get_num_threads() == 1 and not choice.pending
+        choice.restore()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)

@@ -6,12 +6,19 @@ Adam's dozen small ops per parameter. This step runs the forward pass under `Fas
 (the same values, indices and gradients from the vectorised channels-last kernel) and switches
 optimizers that have a fused CPU kernel to it for the length of ``fit``. Results equal the
 plain step's within float32 rounding. ``compile(jit_compile=False)`` turns it off.
+
+Threads: on a machine whose cores other work also uses, OpenMP threads that spin-wait for a
+busy sibling core can make a step several times slower than one thread. Unless
+``OMP_NUM_THREADS`` is set, the step times its first steps with the process's thread count and
+with one thread, and keeps the faster for the rest of ``fit`` (the count is restored after).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import statistics
+import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
@@ -29,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["CpuTrainStep", "fast_cpu_inference"]
 
 logger = logging.getLogger(__name__)
+_WARMUP, _TIMED = 2, 5  # steps before timing, and timed steps per thread count
 
 # torch.optim classes with a fused CPU kernel (torch >= 2.4); others keep their own path.
 _FUSED_ON_CPU = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -53,6 +61,43 @@ def _say_if_replicas_share_cores(strategy: Strategy) -> None:
                        "replica is usually faster.", local, cores, torch.get_num_threads())
 
 
+class _ThreadChoice:
+    """Time a few steps at each candidate thread count and keep the fastest."""
+
+    def __init__(self) -> None:
+        self.original = torch.get_num_threads()
+        tune = self.original > 1 and "OMP_NUM_THREADS" not in os.environ
+        self.pending = [self.original, 1] if tune else []
+        self.seconds: dict[int, list[float]] = {n: [] for n in self.pending}
+        self.steps = 0
+
+    def run(self, step) -> None:
+        """Run ``step()``; while choosing, time it at the candidate under test."""
+        self.steps += 1
+        if not self.pending or self.steps <= _WARMUP:
+            step()
+            return
+        threads = self.pending[0]
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        step()
+        self.seconds[threads].append(time.perf_counter() - start)
+        if len(self.seconds[threads]) == _TIMED:
+            self.pending.pop(0)
+            if not self.pending:
+                self._choose()
+
+    def _choose(self) -> None:
+        medians = {n: statistics.median(times) for n, times in self.seconds.items()}
+        best = min(medians, key=medians.get)
+        torch.set_num_threads(best)
+        logger.info("fit: %d CPU thread(s) per step (median step %s)", best,
+                    ", ".join(f"{1000 * t:.1f} ms at {n}" for n, t in medians.items()))
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.original)
+
+
 class CpuTrainStep(TrainStep):
     """`TrainStep` with fast pooling in the forward pass and a fused optimizer during ``fit``."""
 
@@ -63,6 +108,10 @@ class CpuTrainStep(TrainStep):
         for group in self._fused_groups:
             group["fused"] = True
         _say_if_replicas_share_cores(strategy)
+        self.threads = _ThreadChoice()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
+        self.threads.run(lambda: super(CpuTrainStep, self).__call__(x, y, global_size))
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with FastPooling():
@@ -72,6 +121,7 @@ class CpuTrainStep(TrainStep):
         """Give the optimizer back as compiled, so a saved artifact never records 'fused'."""
         for group in self._fused_groups:
             group["fused"] = None
+        self.threads.restore()
 
 
 def fast_cpu_inference(model: Model, device: torch.device) -> AbstractContextManager:
