@@ -13,9 +13,9 @@ from torch.utils import _pytree as pytree
 from ..data.dataset import Dataset, Table
 from ..strategies import DistributedDataset, Strategy
 from .callbacks import Callback, History, ProgressBar, read_logs
+from .cpu_step import fast_cpu_inference
 from .interrupts import Interrupts, TrainingPreempted
 from .metrics import Mean, Metric
-from .cpu_step import fast_cpu_inference
 from .steps import make_train_step
 
 if TYPE_CHECKING:
