@@ -119,7 +119,7 @@ def test_the_step_keeps_the_thread_count_its_first_steps_ran_fastest_with(monkey
 
         for _ in range(cpu_step._WARMUP + 2 * cpu_step._TIMED):
             choice.run(step)
-        assert torch.get_num_threads() == 1 and not choice.pending
+        assert torch.get_num_threads() == 1 and not choice.choosing
         choice.restore()
         assert torch.get_num_threads() == 2
     finally:

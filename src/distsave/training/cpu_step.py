@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["CpuTrainStep", "fast_cpu_inference"]
 
 logger = logging.getLogger(__name__)
-_WARMUP, _TIMED = 2, 5  # steps before timing, and timed steps per thread count
+_WARMUP, _TIMED = 5, 7  # steps before timing, and timed steps per thread count
 
 # torch.optim classes with a fused CPU kernel (torch >= 2.4); others keep their own path.
 _FUSED_ON_CPU = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -62,35 +62,39 @@ def _say_if_replicas_share_cores(strategy: Strategy) -> None:
 
 
 class _ThreadChoice:
-    """Time a few steps at each candidate thread count and keep the fastest."""
+    """Time steps at each candidate thread count, alternating (so a burst of other work hits
+    both alike), and keep the fastest."""
 
     def __init__(self) -> None:
         self.original = torch.get_num_threads()
         tune = self.original > 1 and "OMP_NUM_THREADS" not in os.environ
-        self.pending = [self.original, 1] if tune else []
-        self.seconds: dict[int, list[float]] = {n: [] for n in self.pending}
+        self.candidates = [self.original, 1] if tune else []
+        self.seconds: dict[int, list[float]] = {n: [] for n in self.candidates}
         self.steps = 0
 
+    @property
+    def choosing(self) -> bool:
+        return bool(self.candidates)
+
     def run(self, step) -> None:
-        """Run ``step()``; while choosing, time it at the candidate under test."""
+        """Run ``step()``; while choosing, time it at the next candidate."""
         self.steps += 1
-        if not self.pending or self.steps <= _WARMUP:
+        if not self.candidates or self.steps <= _WARMUP:
             step()
             return
-        threads = self.pending[0]
+        threads = self.candidates[(self.steps - _WARMUP - 1) % len(self.candidates)]
         torch.set_num_threads(threads)
         start = time.perf_counter()
         step()
         self.seconds[threads].append(time.perf_counter() - start)
-        if len(self.seconds[threads]) == _TIMED:
-            self.pending.pop(0)
-            if not self.pending:
-                self._choose()
+        if all(len(times) == _TIMED for times in self.seconds.values()):
+            self._choose()
 
     def _choose(self) -> None:
         medians = {n: statistics.median(times) for n, times in self.seconds.items()}
         best = min(medians, key=medians.get)
         torch.set_num_threads(best)
+        self.candidates = []
         logger.info("fit: %d CPU thread(s) per step (median step %s)", best,
                     ", ".join(f"{1000 * t:.1f} ms at {n}" for n, t in medians.items()))
 
