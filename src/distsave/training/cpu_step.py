@@ -9,8 +9,9 @@ plain step's within float32 rounding. ``compile(jit_compile=False)`` turns it of
 
 Threads: on a machine whose cores other work also uses, OpenMP threads that spin-wait for a
 busy sibling core can make a step several times slower than one thread. Unless
-``OMP_NUM_THREADS`` is set, the step times its first steps with the process's thread count and
-with one thread, and keeps the faster for the rest of ``fit`` (the count is restored after).
+``OMP_NUM_THREADS`` is set, the step times steps with the process's thread count and with one
+thread, alternating, keeps the faster, and chooses again every 500 steps as other work comes
+and goes (the process's count is restored after ``fit``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = ["CpuTrainStep", "fast_cpu_inference"]
 
 logger = logging.getLogger(__name__)
 _WARMUP, _TIMED = 5, 7  # steps before timing, and timed steps per thread count
+_RECHECK = 500  # steps after a choice before choosing again
 
 # torch.optim classes with a fused CPU kernel (torch >= 2.4); others keep their own path.
 _FUSED_ON_CPU = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
@@ -67,10 +69,14 @@ class _ThreadChoice:
 
     def __init__(self) -> None:
         self.original = torch.get_num_threads()
-        tune = self.original > 1 and "OMP_NUM_THREADS" not in os.environ
-        self.candidates = [self.original, 1] if tune else []
-        self.seconds: dict[int, list[float]] = {n: [] for n in self.candidates}
+        self.tune = self.original > 1 and "OMP_NUM_THREADS" not in os.environ
         self.steps = 0
+        self._start_choosing()
+
+    def _start_choosing(self) -> None:
+        self.candidates = [self.original, 1] if self.tune else []
+        self.seconds: dict[int, list[float]] = {n: [] for n in self.candidates}
+        self.first = self.steps + _WARMUP  # the step after which timing starts
 
     @property
     def choosing(self) -> bool:
@@ -79,10 +85,12 @@ class _ThreadChoice:
     def run(self, step) -> None:
         """Run ``step()``; while choosing, time it at the next candidate."""
         self.steps += 1
-        if not self.candidates or self.steps <= _WARMUP:
+        if self.tune and not self.candidates and self.steps > self.first + _RECHECK:
+            self._start_choosing()  # other work on the machine comes and goes: choose again
+        if not self.candidates or self.steps <= self.first:
             step()
             return
-        threads = self.candidates[(self.steps - _WARMUP - 1) % len(self.candidates)]
+        threads = self.candidates[(self.steps - self.first - 1) % len(self.candidates)]
         torch.set_num_threads(threads)
         start = time.perf_counter()
         step()
@@ -95,6 +103,7 @@ class _ThreadChoice:
         best = min(medians, key=medians.get)
         torch.set_num_threads(best)
         self.candidates = []
+        self.first = self.steps
         logger.info("fit: %d CPU thread(s) per step (median step %s)", best,
                     ", ".join(f"{1000 * t:.1f} ms at {n}" for n, t in medians.items()))
 
