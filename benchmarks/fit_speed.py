@@ -7,12 +7,19 @@ date) and the tables show medians.
 
     python benchmarks/fit_speed.py --batch 64 1024            # on a GPU (peers need CUDA)
     python benchmarks/fit_speed.py --device cpu --batch 64    # typical loop vs fit on a CPU
+    python benchmarks/fit_speed.py --cpu --tf-python /work/tf-venv/bin/python
+        # the CPU comparison: TensorFlow's own fit (skipped without --tf-python), a plain
+        # PyTorch loop over resident tensors, distsave fit, and distsave fit in bf16-mixed
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from collections.abc import Callable
 
 import torch
@@ -172,7 +179,7 @@ def lightning_fit(images, labels, batch, device) -> tuple[float, float] | None:
     return timer.rate, test_accuracy(module.net.to(device), device)
 
 
-def distsave_fit(train, batch, device) -> tuple[float, float]:
+def distsave_fit(train, batch, device, verbose: int = 1, **options) -> tuple[float, float]:
     """The workflow's code unchanged: map/cache/shuffle/batch, Adam, accuracy, progress bar."""
     pipeline = train.map(lambda image, label: (image.float() / 255, label)).cache().shuffle(10000).batch(batch)
 
@@ -189,9 +196,109 @@ def distsave_fit(train, batch, device) -> tuple[float, float]:
     with distsave.OneDeviceStrategy(str(device)).scope():
         torch.manual_seed(0)
         model = distsave.Sequential(workflow_cnn())
-        model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
-    model.fit(pipeline, epochs=EPOCHS, callbacks=[timer])
+        model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"], **options)
+    model.fit(pipeline, epochs=EPOCHS, callbacks=[timer], verbose=verbose)
     return timer.rate, test_accuracy(model, device)
+
+
+def distsave_bf16_fit(train, batch, device) -> tuple[float, float] | None:
+    """distsave fit under bf16-mixed precision, where compile() takes ``precision``."""
+    try:
+        with distsave.OneDeviceStrategy(str(device)).scope():
+            distsave.Sequential(workflow_cnn()).compile(loss="mse", optimizer="adam", precision="bf16-mixed")
+    except TypeError:
+        return None
+    return distsave_fit(train, batch, device, verbose=0, precision="bf16-mixed")
+
+
+def plain_bf16_loop(images, labels, batch, device) -> tuple[float, float]:
+    """The plain loop with forward and loss under bf16 autocast (float32 weights and Adam)."""
+    x_all, y_all = images.to(device), labels.to(device)
+    model = new_model(device)
+    optimizer = torch.optim.Adam(model.parameters())
+
+    def epoch():
+        for rows in torch.randperm(len(x_all), device=device).split(batch):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x_all[rows]), y_all[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return len(x_all)
+    return timed_epochs(epoch, device), test_accuracy(model, device)
+
+
+def mnist_npz(folder: Path) -> Path:
+    """MNIST as uint8 arrays for the TensorFlow peer, the same bytes distsave trains on."""
+    import numpy as np
+
+    path = folder / "mnist.npz"
+    splits = {name: next(iter(distsave.datasets.load("mnist", split=name).batch(60000)))
+              for name in ("train", "test")}
+    np.savez(path, **{f"{name}_{part}": tensor[:, 0].numpy() if part == "x" else tensor.numpy()
+                      for name, (images, labels) in splits.items()
+                      for part, tensor in (("x", images), ("y", labels))})
+    return path
+
+
+def tensorflow_fit(tf_python: str, data: Path, batch: int) -> tuple[float, float]:
+    """TensorFlow 2 + tf_keras, the seed's model, compile and fit, in its own venv's process."""
+    peer = Path(__file__).with_name("tf_peer.py")
+    done = subprocess.run([tf_python, str(peer), "fit", str(data), "--epochs", str(EPOCHS),
+                           "--batch", str(batch)], capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"the TensorFlow peer failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result["samples_per_second"], result["test_accuracy"]
+
+
+TF, PLAIN, FIT, FIT_BF16 = ("TensorFlow 2.21 + tf_keras fit (seed)", "plain PyTorch loop, resident tensors",
+                            "distsave fit", "distsave fit, bf16-mixed")
+
+
+def cpu_round(images, labels, train, batch, tf: tuple[str, Path] | None) -> dict:
+    """The CPU comparison, every way once in a fixed order (rounds interleave the ways)."""
+    device = torch.device("cpu")
+    results: dict[str, tuple[float, float] | None] = {}
+    if tf:
+        results[TF] = tensorflow_fit(tf[0], tf[1], batch)
+    results[PLAIN] = device_eager(images, labels, batch, device)
+    results[FIT] = distsave_fit(train, batch, device, verbose=0)  # TensorFlow's runs verbose=0 too
+    results[FIT_BF16] = distsave_bf16_fit(train, batch, device)
+    results["plain PyTorch loop, bf16 autocast"] = plain_bf16_loop(images, labels, batch, device)
+    return results
+
+
+def cpu_main(args: argparse.Namespace) -> None:
+    images, labels, train = mnist_tensors()
+    device = torch.device("cpu")
+    log = RawLog("fit_speed_cpu", device)
+    tf = None
+    with tempfile.TemporaryDirectory() as folder:
+        if args.tf_python:
+            tf = (args.tf_python, mnist_npz(Path(folder)))
+        print(f"# CPU fit speed: {log.context['card']}, {torch.get_num_threads()} threads, torch "
+              f"{torch.__version__}, commit {log.context['commit'][:10]}, {log.context['date']}; "
+              f"raw log {log.path}" + ("" if tf else "; TensorFlow skipped (no --tf-python)"))
+        for repeat in range(args.repeats):
+            for batch in args.batch:
+                for way, result in cpu_round(images, labels, train, batch, tf).items():
+                    rate, accuracy = result if result else (None, None)
+                    log.write(way=way, batch=batch, repeat=repeat, samples_per_second=rate,
+                              test_accuracy=accuracy)
+                    print(f"  round {repeat + 1}, batch {batch}: {way}: "
+                          + (f"{rate:,.0f} samples/s, accuracy {accuracy:.4f}" if result else "n/a"), flush=True)
+    rates = log.medians(("batch", "way"), "samples_per_second")
+    accuracies = log.medians(("batch", "way"), "test_accuracy")
+    for batch in args.batch:
+        print(f"\n## {batch} examples per step, {EPOCHS} epochs, medians of {args.repeats} interleaved runs\n")
+        print("| way of training | samples/s | vs TensorFlow | vs plain loop | test accuracy |")
+        print("|---|---:|---:|---:|---:|")
+        tf_rate, plain = rates.get((batch, TF), (None,))[0], rates[(batch, PLAIN)][0]
+        for (b, way), (rate, _) in rates.items():
+            if b == batch:
+                vs_tf = f"{rate / tf_rate:.2f}x" if tf_rate else "n/a"
+                print(f"| {way} | {rate:,.0f} | {vs_tf} | {rate / plain:.2f}x | {accuracies[(b, way)][0]:.4f} |")
 
 
 TYPICAL, LIMIT = "typical loop (DataLoader + eager step)", "captured CUDA graph step (limit)"
@@ -215,7 +322,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians are shown)")
     parser.add_argument("--skip-lightning", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="the CPU comparison against TensorFlow")
+    parser.add_argument("--tf-python", help="python of a venv with tensorflow-cpu and tf-keras (--cpu)")
     args = parser.parse_args()
+    if args.cpu:
+        cpu_main(args)
+        return
     device = torch.device(args.device)
     images, labels, train = mnist_tensors()
     log = RawLog("fit_speed", device)

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole workflow on bundled MNIST")
     demo.add_argument("--cpu-replicas", type=int, default=None,
-                      help="train on N CPU replicas (default: every GPU, else 2 CPU replicas)")
+                      help="train on N CPU replicas, N processes sharing the CPU's cores "
+                           "(default: every GPU, else one CPU replica, the fastest on a CPU)")
     demo.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     demo.add_argument("--workdir", default="distsave-demo", help="where artifacts are written")
     demo.add_argument("--quick", action="store_true",

@@ -117,8 +117,8 @@ def run_demo(cpu_replicas: int | None = None, epochs: int = 2, workdir: str | Pa
     """
     if cpu_replicas is None and torch.cuda.is_available():
         strategy = MirroredStrategy()
-    else:
-        strategy = MirroredStrategy(devices=["cpu"] * (cpu_replicas or 2))
+    else:  # one CPU replica already uses every core; more only share them (--cpu-replicas N)
+        strategy = MirroredStrategy(devices=["cpu"] * (cpu_replicas or 1))
     workdir = Path(workdir)
     chief = strategy.is_chief
     table = _Table(echo=chief)

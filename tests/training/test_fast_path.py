@@ -12,7 +12,7 @@ def test_auto_on_a_cpu_trains_eagerly(small_train):
     model = cnn_model()
     assert model.jit_compile == "auto"
     step = make_train_step(model, model, model.distribute_strategy, [])
-    assert type(step) is TrainStep and not isinstance(step, CapturedTrainStep)
+    assert isinstance(step, TrainStep) and not isinstance(step, CapturedTrainStep)
     before = model.evaluate(small_train, verbose=0, return_dict=True)["loss"]
     model.fit(small_train, epochs=1, verbose=0)
     assert model.evaluate(small_train, verbose=0, return_dict=True)["loss"] < before

@@ -180,6 +180,15 @@ class _Slices(Dataset):
 class _Map(Dataset):
     def __init__(self, parent: Dataset, fn: Callable[..., Element]):
         self._parent, self._fn = parent, fn
+        self._vectorises = True  # until vmap fails on fn once
+
+    def table(self, seed: int) -> Table | None:
+        """An in-memory parent mapped in one vectorised call each pass (as `cache` maps it once),
+        so an uncached evaluation pipeline does not run ``fn`` per element in Python."""
+        stacked = self.mapped_table(seed) if self._vectorises else None
+        if stacked is None:
+            return None
+        return Table(stacked, torch.arange(len(pytree.tree_leaves(stacked)[0])))
 
     def _call(self, element: Element) -> Element:
         out = self._fn(*element) if isinstance(element, tuple) else self._fn(element)
@@ -203,6 +212,7 @@ class _Map(Dataset):
                 warnings.simplefilter("ignore")
                 return torch.vmap(self._call)(rows)
         except Exception:  # data-dependent Python, randomness, in-place ops: map per element
+            self._vectorises = False
             return None
 
     def cardinality(self) -> int | None:

@@ -26,10 +26,15 @@ __all__ = ["ConcreteSignature", "LoadedModel", "load"]
 
 
 class ConcreteSignature:
-    """A loaded signature: call with tensors (positional or by input name); get named outputs."""
+    """A loaded signature: call with tensors (positional or by input name); get named outputs.
+
+    Its program was checked and built into a ``torch.fx.GraphModule`` once, at load; a call
+    only matches the inputs against their specs and runs the module's generated code.
+    """
 
     def __init__(self, name: str, module: nn.Module, inputs: list[TensorSpec], outputs: list[str]):
         self.name, self.module, self.inputs, self.output_names = name, module, inputs, outputs
+        self._input_names = [s.name for s in inputs]
 
     def __repr__(self) -> str:
         ins = ", ".join(s.describe() for s in self.inputs)
@@ -37,27 +42,34 @@ class ConcreteSignature:
 
     @property
     def device(self) -> torch.device:
-        for tensor in self.module.state_dict().values():
+        for tensor in self.module.parameters():
+            return tensor.device
+        for tensor in self.module.buffers():
             return tensor.device
         return torch.device("cpu")
 
+    def _expected(self) -> str:
+        return ", ".join(s.describe() for s in self.inputs)
+
     def _bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        expected = ", ".join(s.describe() for s in self.inputs)
         if len(args) > len(self.inputs):
-            raise TypeError(f"Signature {self.name!r} takes {len(self.inputs)} input(s) ({expected}); "
+            raise TypeError(f"Signature {self.name!r} takes {len(self.inputs)} input(s) ({self._expected()}); "
                             f"received {len(args)} positional arguments.")
-        bound = dict(zip((s.name for s in self.inputs), args))
-        for key, value in kwargs.items():
-            if key in bound or key not in {s.name for s in self.inputs}:
-                raise TypeError(f"Signature {self.name!r} has no input {key!r} (or it was given twice). "
-                                f"Inputs: ({expected}).")
-            bound[key] = value
+        values = list(args)
+        if kwargs:
+            bound = dict(zip(self._input_names, args))
+            for key, value in kwargs.items():
+                if key in bound or key not in self._input_names:
+                    raise TypeError(f"Signature {self.name!r} has no input {key!r} (or it was given twice). "
+                                    f"Inputs: ({self._expected()}).")
+                bound[key] = value
+            values = [bound.get(name, _MISSING) for name in self._input_names]
+        if len(values) < len(self.inputs) or any(v is _MISSING for v in values):
+            missing = next(s.name for i, s in enumerate(self.inputs) if i >= len(values) or values[i] is _MISSING)
+            raise TypeError(f"Signature {self.name!r} is missing input {missing!r}. Inputs: ({self._expected()}).")
         tensors = []
-        for spec in self.inputs:
-            if spec.name not in bound:
-                raise TypeError(f"Signature {self.name!r} is missing input {spec.name!r}. Inputs: ({expected}).")
-            value = bound[spec.name]
-            value = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
+        for spec, value in zip(self.inputs, values):
+            value = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
             if not spec.matches(value):
                 raise ValueError(f"Signature {self.name!r} expects {spec.describe()}; received "
                                  f"{describe_tensor(value)}. Cast or reshape the input to match.")
@@ -74,6 +86,9 @@ class ConcreteSignature:
         else:
             values = list(out)
         return dict(zip(self.output_names, values))
+
+
+_MISSING = object()
 
 
 class Signatures(dict):

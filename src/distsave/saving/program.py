@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._export.serde import serialize as serde
 
 from .errors import ArtifactError, SaveError
 from .format import MAX_NAME_LENGTH, MAX_PROGRAM_BYTES
@@ -29,11 +28,16 @@ from .program_schema import (MAX_ARGUMENT_ITEMS, MAX_PROGRAM_NODES, check_schema
 __all__ = ["MAX_ARGUMENT_ITEMS", "MAX_NAME_LENGTH", "MAX_PROGRAM_BYTES", "MAX_PROGRAM_NODES", "build_program",
            "check_program", "export_program", "operator_allowed", "validate_program"]
 
-# Where torch's serializer can skip pickling the tensors we store apart (torch >= 2.12), skip it;
-# older versions pickle them into bytes that are dropped unread.
-_SKIP_TENSOR_PAYLOADS = {name: False for name in ("serialize_state_dict", "serialize_constants",
-                                                   "serialize_example_inputs")
-                         if name in inspect.signature(serde.serialize).parameters}
+def _serialize(exported: Any) -> Any:
+    """torch's serializer, imported here: it loads torch._dynamo, which only saving needs.
+
+    Where it can skip pickling the tensors we store apart (torch >= 2.12), it does; older
+    versions pickle them into bytes that are dropped unread."""
+    from torch._export.serde import serialize as serde
+
+    skip = {name: False for name in ("serialize_state_dict", "serialize_constants", "serialize_example_inputs")
+            if name in inspect.signature(serde.serialize).parameters}
+    return serde.serialize(exported, **skip)
 
 
 def _dicts(value: Any):
@@ -108,7 +112,7 @@ def export_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
             raise SaveError(f"{where} holds a non-tensor constant {name!r} ({type(value).__name__}); "
                             "only tensors can be stored without pickle.")
         constants[name] = value
-    artifact = serde.serialize(exported, **_SKIP_TENSOR_PAYLOADS)
+    artifact = _serialize(exported)
     program = _strip(json.loads(artifact.exported_program))
     problems = check_program(program, where)
     if problems:

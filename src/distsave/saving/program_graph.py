@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch._export.serde import serialize as serde
 
+from ..training.fast_pool import max_pool2d_with_indices
 from .errors import ArtifactError
 from .program_schema import MAX_PROGRAM_NODES, resolve_operator
 
@@ -28,8 +28,26 @@ __all__ = ["build_graph_module"]
 
 _DEVICE_ASSERT = "torch.ops.aten._assert_tensor_metadata.default"
 _FLOAT_WORDS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+# Allowlisted operators that run through an equivalent, faster function (same values, indices
+# and gradients): PyTorch's CPU kernel for NCHW max pooling is a scalar loop.
+_FASTER = {torch.ops.aten.max_pool2d_with_indices.default: max_pool2d_with_indices}
 _STATE_KEYS = {"parameter": "parameter_name", "buffer": "buffer_name",
                "tensor_constant": "tensor_constant_name"}
+
+
+# The program format's enum numbers (torch._export.serde.schema, schema version 8) and the torch
+# types they name: torch's own tables live in its serializer, whose import loads torch._dynamo
+# (over a second), so a load keeps these; tests/saving/test_program_enums.py checks they agree.
+SCALAR_TYPES = {1: torch.uint8, 2: torch.int8, 3: torch.int16, 4: torch.int32, 5: torch.int64,
+                6: torch.float16, 7: torch.float32, 8: torch.float64, 9: torch.complex32,
+                10: torch.complex64, 11: torch.complex128, 12: torch.bool, 13: torch.bfloat16,
+                28: torch.uint16, 29: torch.float8_e4m3fn, 30: torch.float8_e5m2,
+                31: torch.float8_e4m3fnuz, 32: torch.float8_e5m2fnuz, 33: torch.float8_e8m0fnu,
+                34: torch.uint32, 35: torch.uint64}
+LAYOUTS = {1: torch.sparse_coo, 2: torch.sparse_csr, 3: torch.sparse_csc, 4: torch.sparse_bsr,
+           5: torch.sparse_bsc, 6: torch._mkldnn, 7: torch.strided}
+MEMORY_FORMATS = {1: torch.contiguous_format, 2: torch.channels_last, 3: torch.channels_last_3d,
+                  4: torch.preserve_format}
 
 
 class _Broken(Exception):
@@ -96,11 +114,11 @@ class _GraphBuilder:
         if kind == "as_complex":
             return complex(_float(body["real"]), _float(body["imag"]))
         if kind == "as_scalar_type":
-            return self.enum(serde._SERIALIZE_TO_TORCH_DTYPE, body, field)
+            return self.enum(SCALAR_TYPES, body, field)
         if kind == "as_memory_format":
-            return self.enum(serde._SERIALIZE_TO_TORCH_MEMORY_FORMAT, body, field)
+            return self.enum(MEMORY_FORMATS, body, field)
         if kind == "as_layout":
-            return self.enum(serde._SERIALIZE_TO_TORCH_LAYOUT, body, field)
+            return self.enum(LAYOUTS, body, field)
         if kind == "as_device":
             try:
                 return torch.device(body["type"], body.get("index"))
@@ -182,7 +200,7 @@ class _GraphBuilder:
         """The stored tensor has the dtype and (static) shape the graph was traced with."""
         if meta is None:
             return
-        dtype = serde._SERIALIZE_TO_TORCH_DTYPE.get(meta["dtype"])
+        dtype = SCALAR_TYPES.get(meta["dtype"])
         sizes = [s.get("as_int") for s in meta["sizes"]]
         if dtype != tensor.dtype or (None not in sizes and list(tensor.shape) != sizes):
             raise _Broken(f"{field}: {path!r} is {tensor.dtype} {list(tensor.shape)} in the artifact, "
@@ -194,6 +212,7 @@ class _GraphBuilder:
             return  # pins the export's device; signatures check their inputs themselves
         field = f"graph_module.graph.nodes[{index}]"
         target = resolve_operator(node["target"])
+        target = _FASTER.get(target, target)
         given = {}
         for j, named in enumerate(node["inputs"]):
             if named["name"] in given:

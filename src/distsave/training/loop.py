@@ -16,6 +16,7 @@ from ..data import seeds
 from ..data.dataset import Dataset, Table
 from ..strategies import DistributedDataset, Strategy
 from .callbacks import Callback, History, ProgressBar, read_logs
+from .cpu_step import fast_cpu_inference
 from .interrupts import Interrupts, TrainingPreempted
 from .metrics import Mean, Metric
 from .steps import make_train_step
@@ -314,7 +315,7 @@ def evaluate(model: Model, data: Dataset | DistributedDataset, *, verbose: int,
         for _, batch in itertools.islice(_global_batches(model, data, strategy), steps):
             x, y = _labels(batch)
             count = batch_rows(y)
-            with model.precision.autocast(strategy.device):
+            with model.precision.autocast(strategy.device), fast_cpu_inference(model, strategy.device):
                 pred = call_model(model, x)  # even on an empty part: a sharded model gathers weights
                 if count == 0:
                     continue
@@ -340,7 +341,7 @@ def predict(model: Model, data: Dataset | DistributedDataset, *, steps: int | No
     model.eval()
     try:
         for _, batch in itertools.islice(_global_batches(model, data, strategy), steps):
-            with model.precision.autocast(strategy.device):
+            with model.precision.autocast(strategy.device), fast_cpu_inference(model, strategy.device):
                 out = call_model(model, _inputs(batch))
             outputs.append(strategy.gather(out) if strategy.num_replicas_in_sync > 1 else out)
     finally:

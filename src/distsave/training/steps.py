@@ -186,7 +186,7 @@ class CapturedTrainStep(TrainStep):
 
 
 def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]) -> TrainStep:
-    """The captured step where it is safe and wanted, else the eager one."""
+    """The captured step where it is safe and wanted, the CPU step on a CPU, else the eager one."""
     mode = model.jit_compile
     reasons = []
     if strategy.device.type != "cuda":
@@ -211,6 +211,10 @@ def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics
     if mode is True and reasons:
         raise ValueError("compile(jit_compile=True) needs a CUDA-graph-safe setup, but "
                          + "; ".join(reasons) + ". Use jit_compile='auto' or False.")
+    if mode is not False and strategy.device.type == "cpu":
+        from .cpu_step import CpuTrainStep  # it builds on TrainStep, defined here
+
+        return CpuTrainStep(model, module, strategy, metrics)
     if mode is False or reasons:
         if replicas and reasons and mode == "auto":
             logger.warning("fit: training %d replicas with eager DDP, not a captured step: %s.",

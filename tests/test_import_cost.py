@@ -1,0 +1,49 @@
+"""`import distsave` loads nothing of torch beyond what `import torch` loads: no torch._dynamo,
+no torch.export serializer (they cost seconds of a cold start; only saving a program needs
+them). torch 2.13's own `import torch` already imports the light `torch.export` package, so the
+check is on the modules distsave adds."""
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("torch._dynamo", "torch._export.serde.serialize", "torch._inductor", "torch.onnx")
+
+PROBE = """
+import json, sys
+import torch
+before = set(sys.modules)
+import distsave
+import distsave.saved_model
+print(json.dumps({"added": sorted(m for m in set(sys.modules) - before if m.startswith("torch")),
+                  "loaded": sorted(m for m in sys.modules if m.startswith(%r))}))
+"""
+
+
+def _probe() -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE % (HEAVY,)], capture_output=True, text=True,
+                          timeout=300, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_import_distsave_adds_no_torch_modules_in_a_fresh_process():
+    result = _probe()
+    assert result["added"] == []
+    assert result["loaded"] == []
+
+
+def test_loading_a_program_needs_no_torch_serializer(tmp_path):
+    """A fresh process loads a saved signature and runs it without torch._dynamo."""
+    import distsave
+    from distsave.demo import workflow_cnn
+
+    model = distsave.Sequential(workflow_cnn(), input_spec=distsave.TensorSpec((None, 1, 28, 28)))
+    distsave.saved_model.save(model, tmp_path / "exported")
+    script = (f"import sys, torch, distsave\n"
+              f"loaded = distsave.saved_model.load({str(tmp_path / 'exported')!r})\n"
+              f"out = loaded.signatures['serving_default'](torch.zeros(2, 1, 28, 28))['output_0']\n"
+              f"assert out.shape == (2, 10)\n"
+              f"print(sorted(m for m in sys.modules if m.startswith({HEAVY!r})))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
