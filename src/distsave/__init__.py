@@ -20,7 +20,6 @@ from .strategies import (
     MultiWorkerMirroredStrategy,
     OneDeviceStrategy,
     ReduceOp,
-    ShardedStrategy,
     Strategy,
     get_strategy,
 )
@@ -35,3 +34,9 @@ __all__ = [
     "get_strategy", "layers", "load_model", "losses", "metrics", "register_serializable",
     "saved_model", "strategies", "utils", "wait_for_saves",
 ]
+
+
+def __getattr__(name: str):
+    if name == "ShardedStrategy":  # FSDP2 and DTensor load only for those who use them
+        return strategies.ShardedStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

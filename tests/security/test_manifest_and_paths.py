@@ -56,6 +56,8 @@ def refused_by_both(artifact, match):
     (lambda m: m["signatures"]["serving_default"]["state"].update({"a;b": "0.weight"}), "signatures.serving_default.state"),
     (lambda m: m["compile"]["optimizer"].update(param_groups="all"), "compile.optimizer.param_groups"),
     (lambda m: m.update(architecture=[1, 2]), "architecture"),
+    (lambda m: m["files"]["model.safetensors"].update(bytes=2**70), "files.model.safetensors.sha256"),
+    (lambda m: m["files"]["model.safetensors"].update(bytes=2**50), "files.model.safetensors.sha256"),
     (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[5]), "files.model.safetensors.chunk_starts"),
     (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[0, 0]), "files.model.safetensors.chunk_starts"),
     (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[0, 10**12]), "files.model.safetensors.chunk_starts"),

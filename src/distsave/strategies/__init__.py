@@ -4,8 +4,15 @@ from .base import DistributedDataset, ReduceOp, Strategy, get_strategy, has_stra
 from .devices import parse_device
 from .mirrored import MirroredStrategy, MultiWorkerMirroredStrategy
 from .one_device import OneDeviceStrategy
-from .sharded import ShardedStrategy
 
 __all__ = ["DistributedDataset", "MirroredStrategy", "MultiWorkerMirroredStrategy",
            "OneDeviceStrategy", "ReduceOp", "ShardedStrategy", "Strategy", "get_strategy",
            "has_strategy", "parse_device"]
+
+
+def __getattr__(name: str):
+    if name == "ShardedStrategy":  # FSDP2 and DTensor load only for those who use them
+        from .sharded import ShardedStrategy
+
+        return ShardedStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

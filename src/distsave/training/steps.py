@@ -10,11 +10,11 @@ log line and ``jit_compile=True`` raises with the reason.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.utils import _pytree as pytree
 
 from ..strategies import Strategy
@@ -185,6 +185,11 @@ class CapturedTrainStep(TrainStep):
         graph.replay()
 
 
+def _is_sharded(module: nn.Module) -> bool:
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # nothing is sharded unless it was imported
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
 def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]) -> TrainStep:
     """The captured step where it is safe and wanted, the CPU step on a CPU, else the eager one."""
     mode = model.jit_compile
@@ -201,7 +206,7 @@ def make_train_step(model: Model, module: nn.Module, strategy: Strategy, metrics
             reasons.append("a captured step over several GPUs is opt-in for now: compile(jit_compile=True)")
     elif strategy.num_replicas_in_sync > 1:
         reasons.append("several replicas average gradients between steps")
-    if isinstance(module, FSDPModule):
+    if _is_sharded(module):
         reasons.append("the parameters are sharded (FSDP2 gathers them around every block)")
     optimizer = model.optimizer
     if model.precision.dtype is torch.float16:
