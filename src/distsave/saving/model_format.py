@@ -31,7 +31,7 @@ from .errors import ArtifactError, SaveError
 from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single_file
 from .manifest import ArtifactWriter
 from .signatures import ExportedSignatures, export_signatures
-from .slices import local_slice
+from .slices import is_dtensor, local_slice
 from .snapshot import Snapshot
 from .storage import download_artifact, is_remote, local_path
 from .tensor_io import TensorEntry
@@ -364,9 +364,9 @@ def _read_optimizer_state(snapshot: Snapshot, model: Model, device: torch.device
 def _like_parameter(entry: TensorEntry, param: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Memory for one stored optimizer tensor: sharded like its parameter when the parameter
     is a sharded DTensor of the same shape, else a plain tensor on ``device``."""
-    from torch.distributed.tensor import DTensor
+    if is_dtensor(param) and entry.shape == tuple(param.shape):
+        from torch.distributed.tensor import DTensor
 
-    if isinstance(param, DTensor) and entry.shape == tuple(param.shape):
         local = param.to_local()
         return DTensor.from_local(torch.empty(local.shape, dtype=entry.dtype, device=local.device),
                                   param.device_mesh, param.placements, shape=param.shape, stride=param.stride())

@@ -8,12 +8,20 @@ state); every other tensor it holds whole. Writers and readers both work from th
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
 from .errors import SaveError
 
-__all__ = ["local_slice"]
+__all__ = ["is_dtensor", "local_slice"]
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor, without importing DTensor (a second of a cold start):
+    where it was never imported, nothing is one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def local_slice(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
@@ -24,9 +32,7 @@ def local_slice(name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, int, boo
     Raises:
         SaveError: a DTensor placed other than ``Shard(0)`` or ``Replicate`` on a 1-D mesh.
     """
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(tensor, DTensor):
+    if not is_dtensor(tensor):
         return tensor.detach(), 0, True
     placements = tensor.placements
     local = tensor.to_local().detach()
