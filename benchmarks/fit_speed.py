@@ -288,17 +288,7 @@ def cpu_main(args: argparse.Namespace) -> None:
                               test_accuracy=accuracy)
                     print(f"  round {repeat + 1}, batch {batch}: {way}: "
                           + (f"{rate:,.0f} samples/s, accuracy {accuracy:.4f}" if result else "n/a"), flush=True)
-    rates = log.medians(("batch", "way"), "samples_per_second")
-    accuracies = log.medians(("batch", "way"), "test_accuracy")
-    for batch in args.batch:
-        print(f"\n## {batch} examples per step, {EPOCHS} epochs, medians of {args.repeats} interleaved runs\n")
-        print("| way of training | samples/s | vs TensorFlow | vs plain loop | test accuracy |")
-        print("|---|---:|---:|---:|---:|")
-        tf_rate, plain = rates.get((batch, TF), (None,))[0], rates[(batch, PLAIN)][0]
-        for (b, way), (rate, _) in rates.items():
-            if b == batch:
-                vs_tf = f"{rate / tf_rate:.2f}x" if tf_rate else "n/a"
-                print(f"| {way} | {rate:,.0f} | {vs_tf} | {rate / plain:.2f}x | {accuracies[(b, way)][0]:.4f} |")
+    print_tables(log, args, f"{EPOCHS} epochs, ", (TF, "vs TensorFlow", "n/a"), (PLAIN, "vs plain loop", ""))
 
 
 TYPICAL, LIMIT = "typical loop (DataLoader + eager step)", "captured CUDA graph step (limit)"
@@ -338,18 +328,26 @@ def main() -> None:
             for way, result in one_round(images, labels, train, batch, device, not args.skip_lightning).items():
                 rate, accuracy = result if result else (None, None)
                 log.write(way=way, batch=batch, repeat=repeat, samples_per_second=rate, test_accuracy=accuracy)
+    print_tables(log, args, "", (TYPICAL, "vs typical loop", ""), (LIMIT, "vs captured graph", ""))
+
+
+def print_tables(log, args, what: str, *bases: tuple[str, str, str]) -> None:
+    """One markdown table per batch size: medians, and each way's ratio to each ``(way, column
+    title, text when that way did not run)`` of ``bases``."""
     rates = log.medians(("batch", "way"), "samples_per_second")
     accuracies = log.medians(("batch", "way"), "test_accuracy")
     for batch in args.batch:
-        print(f"\n## {batch} examples per step, medians of {args.repeats} interleaved runs\n")
-        print("| way of training | samples/s | vs typical loop | vs captured graph | test accuracy |")
-        print("|---|---:|---:|---:|---:|")
-        typical, limit = rates[(batch, TYPICAL)][0], rates.get((batch, LIMIT), (None,))[0]
+        print(f"\n## {batch} examples per step, {what}medians of {args.repeats} interleaved runs\n")
+        print("| way of training | samples/s | " + " | ".join(title for _, title, _ in bases) + " | test accuracy |")
+        print("|---|---:|" + "---:|" * len(bases) + "---:|")
         for (b, way), (rate, _) in rates.items():
-            if b == batch:
-                vs_limit = f"{rate / limit:.2f}x" if limit else ""
-                print(f"| {way} | {rate:,.0f} | {rate / typical:.2f}x | {vs_limit} | "
-                      f"{accuracies[(b, way)][0]:.4f} |")
+            if b != batch:
+                continue
+            ratios = []
+            for base, _, missing in bases:
+                reference = rates.get((batch, base), (None,))[0]
+                ratios.append(f"{rate / reference:.2f}x" if reference else missing)
+            print(f"| {way} | {rate:,.0f} | " + " | ".join(ratios) + f" | {accuracies[(b, way)][0]:.4f} |")
 
 
 if __name__ == "__main__":
