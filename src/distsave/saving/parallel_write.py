@@ -23,9 +23,9 @@ from .errors import SaveError
 from .format import HASH_CHUNK_BYTES
 from .manifest import FilePlan, plan_stem
 from .slices import local_slice
-from .tensor_io import FileRecord, flat_bytes, Piece, run_parallel, write_pieces
+from .tensor_io import FileRecord, Piece, flat_bytes, run_parallel, write_pieces
 
-__all__ = ["HeldBytes", "Plan", "held_bytes", "merge_records", "plan_sets", "write_held"]
+__all__ = ["HeldBytes", "Plan", "create_files", "held_bytes", "merge_records", "plan_sets", "write_held"]
 
 
 @dataclass(frozen=True)
