@@ -247,13 +247,7 @@ class Snapshot:
         contiguous, on any device) from the files, verifying every chunk's checksum."""
         if set(destinations) != set(self.tensor_files(stem)):
             raise ValueError("destinations must name every stored tensor")
-        for name in self._stems[stem][0]:
-            header = self._headers[name]
-            digests, starts = self._digests(name)
-            bad = read_into(header, {key: (destinations[key], 0) for key in header.entries}, digests, starts)
-            if bad:
-                raise self._changed(name, bad)
-            self._verified.add(name)
+        self._read_stem(stem, {key: (tensor, 0) for key, tensor in destinations.items()}, self._verified)
 
     def read_tensor_slices(self, stem: str, slices: dict[str, tuple[torch.Tensor, int]]) -> None:
         """Fill each destination with its byte size of a stored tensor's bytes from a first byte
@@ -264,14 +258,17 @@ class Snapshot:
         unknown = sorted(set(slices) - set(entries))
         if unknown:
             raise ValueError(f"no stored tensors named {unknown[:3]}")
+        self._read_stem(stem, slices, self._shared)
+
+    def _read_stem(self, stem: str, slices: dict[str, tuple[torch.Tensor, int]], done: set[str]) -> None:
+        """Read ``slices`` file by file, checking every chunk read; each file then joins ``done``."""
         for name in self._stems[stem][0]:
             header = self._headers[name]
             digests, starts = self._digests(name)
-            mine = {key: slices[key] for key in header.entries if key in slices}
-            bad = read_into(header, mine, digests, starts)
+            bad = read_into(header, {key: slices[key] for key in header.entries if key in slices}, digests, starts)
             if bad:
                 raise self._changed(name, bad)
-            self._shared.add(name)
+            done.add(name)
 
     def allocate_and_read(self, stem: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every tensor under ``stem``, freshly allocated (sizes bounded by the files) and read."""
