@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import distsave
+from distsave.saving import background
 from distsave.saving.manifest import read_manifest
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -31,3 +32,30 @@ def test_gpu_model_round_trips_byte_for_byte_through_pinned_staging(tmp_path, mo
                 assert torch.equal(restored.state_dict()[key], value), key
             state = restored.optimizer.state_dict()["state"]
             assert all(v.device.type == "cuda" for s in state.values() for k, v in s.items() if k != "step")
+
+
+@pytest.mark.parametrize("room", [True, False], ids=["copied-on-device", "copied-to-pinned-host"])
+def test_async_save_on_gpu_holds_the_state_of_the_moment_it_was_called(tmp_path, monkeypatch, room):
+    """Training that changes the weights right after ``save`` returns (queued on the same
+    stream, before the copies could have been read) must not reach the file, whichever way
+    the copies are made."""
+    monkeypatch.setattr("distsave.saving.background._has_room", lambda device, size: room)
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        torch.manual_seed(0)
+        model = distsave.Sequential([nn.Linear(2048, 2048), nn.Linear(2048, 10)],
+                                    input_spec=distsave.TensorSpec((None, 2048)))
+        model.compile(loss="mse", optimizer="adam")
+        model.fit(torch.rand(8, 2048), torch.rand(8, 10), epochs=1, verbose=0)
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        for i in range(3):
+            handle = model.save(tmp_path / f"m{i}", blocking=False)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(-1.0).add_(float(i + 1))
+            handle.result()
+            restored = distsave.load_model(tmp_path / f"m{i}")
+            for key, value in expected.items():
+                assert torch.equal(restored.state_dict()[key], value), (i, key)
+            expected = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = background._buffers.get(model, {})
+    assert bool(kept) is not room  # host buffers only when the device had no room

@@ -24,10 +24,10 @@ written = 0
 write_pieces = parallel_write.write_pieces
 
 
-def counting_write_pieces(fd, pieces):
+def counting_write_pieces(files):
     global written
-    written += sum(p.length for p in pieces)
-    return write_pieces(fd, pieces)
+    written += sum(p.length for _, pieces in files for p in pieces)
+    return write_pieces(files)
 
 
 parallel_write.write_pieces = counting_write_pieces

@@ -28,7 +28,7 @@ with torch.no_grad():
     for p in model.parameters():
         p.add_(1.0)
 if strategy.replica_id == 1:
-    def die_while_writing(fd, pieces):
+    def die_while_writing(files):
         os.kill(os.getpid(), signal.SIGKILL)
     parallel_write.write_pieces = die_while_writing
 try:

@@ -28,7 +28,7 @@ def dying_after(module, name):
     setattr(module, name, wrapper)
 
 
-modules = {"weights": (ArtifactWriter, "write_tensors"), "manifest": (ArtifactWriter, "finish"),
+modules = {"weights": (ArtifactWriter, "write_tensor_sets"), "manifest": (ArtifactWriter, "finish"),
            "fsync": (atomic, "fsync_tree"), "swap": (atomic, "_exchange")}
 dying_after(*modules[point])
 torch.manual_seed(1)

@@ -53,8 +53,8 @@ def dying_after(owner, name, when):
     setattr(owner, name, wrapper)
 
 
-dying_after(ArtifactWriter, "write_tensors", lambda args: where == "weights" and args[1] == "model"
-            or where == "state" and args[1] == "training_state")
+dying_after(ArtifactWriter, "write_tensor_sets", lambda args: where == "weights" and "model" in args[1]
+            or where == "state" and "training_state" in args[1])
 dying_after(atomic, "_swap_into_place", lambda args: where == "swap" and "backup" in str(args[1]))
 dying_after(checkpoint_manager, "_replace_file", lambda args: where == "index")
 

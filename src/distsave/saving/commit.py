@@ -176,15 +176,18 @@ def _exchange(strategy: Strategy, path: str | os.PathLike, value: Any, failure: 
 def write_artifact_in_background(strategy: Strategy, path: str | os.PathLike,
                                  write: Callable[[ArtifactWriter], dict[str, Any]],
                                  tensor_sets: TensorSets | None = None,
-                                 max_shard_bytes: int | None = None) -> SaveHandle:
-    """As `write_artifact`, but the chief writes everything in a background thread (from host
-    copies the caller made) and every replica returns at once. Replicas are not told of the
+                                 max_shard_bytes: int | None = None,
+                                 ready: Callable[[], None] | None = None) -> SaveHandle:
+    """As `write_artifact`, but the chief writes everything in a background thread (from copies
+    the caller made; ``ready()`` waits until they are complete) and every replica returns at once. Replicas are not told of the
     outcome (that would need a collective while training runs); the chief's next save or
     `wait_for_saves` raises a failure."""
     if not strategy.is_chief:
         return SaveHandle(os.fspath(path))
 
     def write_all() -> None:
+        if ready is not None:
+            ready()
         with _staging(path) as staging:
             writer = ArtifactWriter(staging)
             writer.write_tensor_sets(tensor_sets or {}, max_shard_bytes)

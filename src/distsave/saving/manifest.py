@@ -23,7 +23,7 @@ from .errors import SaveError
 from .format import (DEFAULT_MAX_SHARD_BYTES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, index_file,
                      shard_file, single_file)
 from .snapshot import Snapshot, canonical_manifest_bytes
-from .tensor_io import FileRecord, chunk_digests, layout, run_parallel, write_safetensors
+from .tensor_io import FileRecord, chunk_digests, layout, write_safetensors
 
 __all__ = ["ArtifactWriter", "FilePlan", "plan_stem", "read_manifest", "seal_manifest"]
 
@@ -104,12 +104,7 @@ class ArtifactWriter:
                       max_shard_bytes: int | None = None) -> list[str]:
         """``{stem}.safetensors``, or Hugging Face shards ``{stem}-0000i-of-0000n.safetensors``
         of at most ``max_shard_bytes`` each plus ``{stem}.safetensors.index.json``."""
-        files, index = plan_stem(stem, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()},
-                                 max_shard_bytes)
-        for file in files:
-            self.files[file.name] = write_safetensors(self.staging / file.name,
-                                                      {name: tensors[name] for name in file.offsets})
-        return [file.name for file in files] + self.write_index(stem, index)
+        return self.write_tensor_sets({stem: tensors}, max_shard_bytes)
 
     def write_index(self, stem: str, index: dict[str, Any] | None) -> list[str]:
         """The Hugging Face shard index of ``stem``, if it has shards."""
@@ -119,11 +114,17 @@ class ArtifactWriter:
         return [index_file(stem)]
 
     def write_tensor_sets(self, sets: dict[str, dict[str, torch.Tensor]],
-                          max_shard_bytes: int | None = None) -> None:
-        """Write several stems (weights, optimizer state) at once: their files are written and
-        flushed to disk in parallel, which a single file's fsync cannot do."""
-        run_parallel(lambda job: self.write_tensors(*job, max_shard_bytes), list(sets.items()),
-                     workers=len(sets))
+                          max_shard_bytes: int | None = None) -> list[str]:
+        """The files of several stems (weights, optimizer state; see `write_tensors`), all
+        written and flushed to disk at once; the names written."""
+        planned = {stem: plan_stem(stem, {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()},
+                                   max_shard_bytes) for stem, tensors in sets.items()}
+        files = [(file.name, {name: sets[stem][name] for name in file.offsets})
+                 for stem, (stem_files, _) in planned.items() for file in stem_files]
+        records = write_safetensors({self.staging / name: tensors for name, tensors in files})
+        self.files.update((name, record) for (name, _), record in zip(files, records))
+        return [name for name, _ in files] + [written for stem, (_, index) in planned.items()
+                                              for written in self.write_index(stem, index)]
 
     def finish(self, content: dict[str, Any]) -> dict[str, Any]:
         """Write ``manifest.json`` (format, versions, ``content``, every file's checksums)."""

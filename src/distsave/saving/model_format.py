@@ -24,7 +24,7 @@ from ..strategies import Strategy, get_strategy, has_strategy
 from ..training.model import Model
 from ..training.specs import TensorSpec
 from .architecture import build_module, module_spec
-from .background import SaveHandle, host_copies, wait_for_saves
+from .background import SaveHandle, stable_copies, wait_for_saves
 from .commit import write_artifact, write_artifact_in_background
 from .compile_config import compile_to_json, optimizer_state, restore_compile
 from .errors import ArtifactError, SaveError
@@ -73,8 +73,9 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
             An fsspec URL (``s3://bucket/run``) is written locally, then uploaded, manifest last.
         max_shard_size: Split weights into safetensors shards of at most this many bytes
             (default 4 GiB).
-        blocking: False returns once the tensors are copied to host memory; the chief writes in
-            a background thread (see `distsave.wait_for_saves`); training may go on meanwhile.
+        blocking: False returns once the tensors are copied (on the GPU when it has room, else
+            to host memory); the chief writes in a background thread (see
+            `distsave.wait_for_saves`); training may go on meanwhile.
 
     Returns:
         A `SaveHandle`; ``handle.result()`` waits for a background save and raises its error.
@@ -104,9 +105,6 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
         raise SaveError("model.save(blocking=False) needs the whole model on one replica; under "
                         "ShardedStrategy each replica holds 1/N and all write their rows together. "
                         "Save with blocking=True: the replicas write in parallel, straight to the files.")
-    if not blocking:
-        weights = host_copies(model, weights)
-        state_tensors = host_copies(model.optimizer, state_tensors) if state_tensors else {}
     content = {
         "kind": KIND_MODEL,
         "architecture": architecture,
@@ -120,13 +118,16 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     }
 
     tensor_sets = {WEIGHTS: weights, **({OPTIMIZER: state_tensors} if state_tensors else {})}
+    ready = None
+    if not blocking and strategy.is_chief:  # the other replicas write nothing in the background
+        tensor_sets, ready = stable_copies(model, tensor_sets)
 
     def write(writer: ArtifactWriter) -> dict[str, Any]:
         signatures = exported or _export_serving(model, rebuilt, export_key)
         return {**content, "signatures": signatures.write(writer)}
 
     if not blocking:
-        return write_artifact_in_background(strategy, path, write, tensor_sets, max_shard_size)
+        return write_artifact_in_background(strategy, path, write, tensor_sets, max_shard_size, ready)
     write_artifact(strategy, path, write, tensor_sets, max_shard_size)
     return SaveHandle(os.fspath(path))
 

@@ -115,18 +115,18 @@ def write_held(staging: Path, plan: Plan, held: dict[str, dict[str, HeldBytes]],
         ``file name -> [[start, length, sha256], ...]``, the segments written (JSON-able).
     """
     everything = {name: part for tensors in held.values() for name, part in tensors.items()}
-
-    def write_file(file: FilePlan) -> tuple[str, list[list[Any]]]:
-        pieces = _pieces(file, everything, rank, world)
-        fd = os.open(staging / file.name, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            segments = write_pieces(fd, pieces) if pieces else []
-            os.fsync(fd)
-        finally:
+    files = [(file, _pieces(file, everything, rank, world)) for file in plan.files]
+    fds = []
+    try:
+        for file, _ in files:
+            fds.append(os.open(staging / file.name, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)))
+        written = write_pieces([(fd, pieces) for fd, (_, pieces) in zip(fds, files)])
+        run_parallel(os.fsync, fds, workers=len(fds))
+    finally:
+        for fd in fds:
             os.close(fd)
-        return file.name, [[s.start, s.length, s.sha256] for s in segments]
-
-    return dict(run_parallel(write_file, plan.files, workers=len(plan.files)))
+    return {file.name: [[s.start, s.length, s.sha256] for s in segments]
+            for (file, _), segments in zip(files, written)}
 
 
 def merge_records(plan: Plan, reports: list[dict[str, list[list[Any]]]]) -> dict[str, FileRecord]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -201,35 +202,48 @@ def _for_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous()
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> FileRecord:
-    """Write ``tensors`` as one safetensors file at ``path`` (which must not exist), in parallel.
+def write_safetensors(files: dict[str | os.PathLike, dict[str, torch.Tensor]]) -> list[FileRecord]:
+    """Write each ``path: tensors`` as one safetensors file (which must not exist), all files
+    at once (`write_pieces`), each fsync'd; their records, in order.
 
     Raises:
-        OSError: the file cannot be written (disk full, permissions); nothing is retried.
+        OSError: a file cannot be written (disk full, permissions); nothing is retried.
     """
-    tensors = {name: _for_storage(t) for name, t in tensors.items()}
-    header, offsets = layout({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
-    pieces = [Piece(0, len(header), header, 0)]
-    pieces += [Piece(offsets[name], t.numel() * t.element_size(), flat_bytes(t), 0)
-               for name, t in sorted(tensors.items(), key=lambda item: offsets[item[0]]) if t.numel()]
-    size = len(header) + sum(p.length for p in pieces[1:])
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    jobs, sizes, fds = [], [], []
     try:
-        os.ftruncate(fd, size)
-        segments = write_pieces(fd, pieces)
-        os.fsync(fd)
+        for path, tensors in files.items():
+            tensors = {name: _for_storage(t) for name, t in tensors.items()}
+            header, offsets = layout({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+            pieces = [Piece(0, len(header), header, 0)]
+            pieces += [Piece(offsets[name], t.numel() * t.element_size(), flat_bytes(t), 0)
+                       for name, t in sorted(tensors.items(), key=lambda item: offsets[item[0]]) if t.numel()]
+            sizes.append(len(header) + sum(p.length for p in pieces[1:]))
+            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
+            os.ftruncate(fds[-1], sizes[-1])
+            jobs.append((fds[-1], pieces))
+        written = write_pieces(jobs)
+        run_parallel(os.fsync, fds, workers=len(fds))
     finally:
-        os.close(fd)
-    return FileRecord(size, [segment.sha256 for segment in segments])
+        for fd in fds:
+            os.close(fd)
+    return [FileRecord(size, [segment.sha256 for segment in segments]) for size, segments in zip(sizes, written)]
 
 
-def write_pieces(fd: int, pieces: list[Piece]) -> list[Segment]:
-    """Write file-ordered, non-overlapping pieces at their offsets with parallel threads, hashing
-    each segment (a contiguous run of pieces, cut at the `HASH_CHUNK_BYTES` grid) as it goes."""
-    devices = {p.source.device for p in pieces if not isinstance(p.source, bytes) and p.source.device.type != "cpu"}
+def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
+    """Write each file's file-ordered, non-overlapping pieces at their offsets, hashing each
+    segment (a contiguous run of pieces, cut at the `HASH_CHUNK_BYTES` grid) as it goes; each
+    file's segments, in order.
+
+    One pool of threads takes the segments of all files in turn, one file after another, so
+    the files are written at once: a file system serialises the writes and block allocation
+    inside one file (ext4 holds the file's lock), not across files.
+    """
+    devices = {p.source.device for _, pieces in files for p in pieces
+               if not isinstance(p.source, bytes) and p.source.device.type != "cpu"}
     pool = _PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
 
-    def write_segment(segment: list[Piece]) -> Segment:
+    def write_segment(job: tuple[int, int, list[Piece]]) -> Segment:
+        _, fd, segment = job
         views, staging = _host_views(segment, pool)
         digest = hashlib.sha256()
         for view in views:
@@ -242,7 +256,13 @@ def write_pieces(fd: int, pieces: list[Piece]) -> list[Segment]:
             pool.give(staging)
         return Segment(segment[0].offset, length, digest.hexdigest())
 
-    return run_parallel(write_segment, list(_segments(pieces, HASH_CHUNK_BYTES)))
+    per_file = [[(index, fd, segment) for segment in _segments(pieces, HASH_CHUNK_BYTES)]
+                for index, (fd, pieces) in enumerate(files)]
+    jobs = [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
+    written: list[list[Segment]] = [[] for _ in files]
+    for (index, _, _), segment in zip(jobs, run_parallel(write_segment, jobs)):
+        written[index].append(segment)
+    return written
 
 
 def _writeback_starter() -> Callable[[int, int, int], None]:
