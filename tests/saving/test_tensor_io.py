@@ -125,3 +125,26 @@ def test_old_format_version_1_still_loads(tmp_path):
     rewrite_manifest(tmp_path / "m", as_version_1)
     assert json.loads((tmp_path / "m/manifest.json").read_text())["format_version"] == 1
     assert_same_bytes(model.state_dict(), distsave.load_model(tmp_path / "m").state_dict())
+
+
+def test_save_and_load_give_the_interpreter_its_gil_switch_interval_back(tmp_path):
+    """I/O threads get quick GIL handoffs during a save or load; afterwards, and after a failed
+    load, the process's own setting is back."""
+    import sys
+
+    own = 0.0123
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(own)
+    try:
+        model = distsave.Sequential([nn.Linear(4, 3)], input_spec=distsave.TensorSpec((None, 4)))
+        model.compile(loss="mse", optimizer="adam")
+        model.save(tmp_path / "m")
+        assert sys.getswitchinterval() == pytest.approx(own)
+        distsave.load_model(tmp_path / "m")
+        assert sys.getswitchinterval() == pytest.approx(own)
+        (tmp_path / "m" / "model.safetensors").write_bytes(b"damaged")
+        with pytest.raises(ArtifactError):
+            distsave.load_model(tmp_path / "m")
+        assert sys.getswitchinterval() == pytest.approx(own)
+    finally:
+        sys.setswitchinterval(before)

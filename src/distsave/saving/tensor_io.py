@@ -11,12 +11,14 @@ buffer on the way to a GPU), hashing the very bytes they place. No byte is read 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import hashlib
 import itertools
 import json
 import os
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
-           "flat_bytes", "layout", "parse_header", "read_into", "run_parallel", "write_pieces",
+           "flat_bytes", "frequent_gil_handoffs", "layout", "parse_header", "read_into", "run_parallel", "write_pieces",
            "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -341,15 +343,30 @@ def alongside(background: Callable[[], Any], foreground: Callable[[], Any]) -> t
         except BaseException as error:  # raised below, in the caller's thread
             outcome["error"] = error
 
-    thread = threading.Thread(target=run, name="distsave-write", daemon=True)
-    thread.start()
-    try:
-        result = foreground()
-    finally:
-        thread.join()
+    with frequent_gil_handoffs():
+        thread = threading.Thread(target=run, name="distsave-write", daemon=True)
+        thread.start()
+        try:
+            result = foreground()
+        finally:
+            thread.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"], result
+
+
+@contextlib.contextmanager
+def frequent_gil_handoffs(seconds: float = 0.0005) -> Iterator[None]:
+    """Let the interpreter hand the GIL over every ``seconds`` (default 0.5 ms, not Python's 5 ms)
+    while I/O threads share it with Python-heavy work (an export, an import). Each chunk a
+    thread moves needs the GIL a few times between its system calls; against a busy thread the
+    default lets about 200 handoffs a second through, which caps 16 MiB chunks near 0.6 GB/s."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 # -- reading ------------------------------------------------------------------------------
