@@ -9,7 +9,7 @@ import distsave
 from tests.conftest import cnn_model
 
 from distsave.training.cpu_step import CpuTrainStep
-from distsave.training import fast_pool
+from distsave.training import cpu_blocks, fast_pool
 from distsave.training.fast_pool import FastPooling, fast_max_pool2d
 from distsave.training.steps import TrainStep, make_train_step
 
@@ -63,13 +63,15 @@ def _trained(small_train, jit_compile, optimizer="adam"):
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd", "rmsprop"])
 def test_the_cpu_step_trains_as_the_plain_step_within_float32_rounding(small_train, optimizer, monkeypatch):
-    """16 steps each; the fast pooling's gradients and the fused optimizer's update must match."""
-    pooled = []
+    """16 steps each; the fused conv block's and the fast pooling's gradients and the fused
+    optimizer's update must match."""
+    pooled, blocks = [], []
     monkeypatch.setattr(fast_pool._MaxPool2d, "apply", spy(fast_pool._MaxPool2d.apply, pooled))
+    monkeypatch.setattr(cpu_blocks, "_block", spy(cpu_blocks._block, blocks))
     fast, fast_logs, start = _trained(small_train, "auto", optimizer)
-    assert len(pooled) == 2 * 16  # two pooling layers, 16 steps: the fast path really ran
+    assert len(blocks) == len(pooled) == 16  # conv-ReLU-pool fused, the other pool fast: both ran
     plain, plain_logs, _ = _trained(small_train, False, optimizer)
-    assert len(pooled) == 2 * 16
+    assert len(blocks) == len(pooled) == 16
     for (name, a), b in zip(fast.state_dict().items(), plain.state_dict().values()):
         assert (a - start[name]).abs().max() > 1e-4, f"{name} did not train"
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,5 +1,5 @@
 """Evaluation pipelines on the CPU: `map` over an in-memory table runs once per pass, vectorised,
-with the elements a per-element map gives; and evaluate/predict use the fast pooling."""
+with the elements a per-element map gives; and evaluate/predict use the fused conv blocks."""
 
 import torch
 
@@ -42,19 +42,20 @@ def test_a_map_vmap_cannot_run_falls_back_to_per_element_calls():
     assert len(calls) == 40  # the pipeline does not try vmap again
 
 
-def test_evaluate_and_predict_on_a_cpu_use_the_fast_pooling(small_test, monkeypatch):
-    from distsave.training import fast_pool
+def test_evaluate_and_predict_on_a_cpu_use_the_fused_conv_blocks(small_test, monkeypatch):
+    from distsave.training import cpu_blocks
 
-    pooled = []
-    original = fast_pool.fast_max_pool2d
-    monkeypatch.setattr(fast_pool, "fast_max_pool2d", lambda *a, **k: pooled.append(1) or original(*a, **k))
+    fused = []
+    original = cpu_blocks._block
+    monkeypatch.setattr(cpu_blocks, "_block", lambda *a, **k: fused.append(1) or original(*a, **k))
     model = cnn_model()
     fast = model.evaluate(small_test, verbose=0, return_dict=True)
     predictions = model.predict(small_test)
-    assert len(pooled) == 2 * 4  # 4 batches of 128, evaluate and predict
+    assert len(fused) == 2 * 4  # 4 batches of 128, evaluate and predict
+    assert "forward" not in model.__dict__  # the Sequential's own forward is back
     model.compile(loss="sparse_categorical_crossentropy", optimizer="adam", metrics=["accuracy"], jit_compile=False)
     plain = model.evaluate(small_test, verbose=0, return_dict=True)
-    assert len(pooled) == 8
+    assert len(fused) == 8
     assert fast["accuracy"] == plain["accuracy"]
     assert abs(fast["loss"] - plain["loss"]) < 1e-6
-    assert torch.equal(predictions, model.predict(small_test))
+    torch.testing.assert_close(predictions, model.predict(small_test), rtol=1e-5, atol=1e-5)

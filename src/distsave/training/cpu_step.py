@@ -3,9 +3,10 @@
 Profiled on the workflow CNN at batch 64 (2 cores), the eager step spent about 37% of its time
 in ``max_pool2d_with_indices`` (PyTorch's NCHW CPU kernel is a scalar loop) and about 14% in
 Adam's dozen small ops per parameter. This step runs the forward pass under `FastPooling`
-(the same values, indices and gradients from the vectorised channels-last kernel) and switches
-optimizers that have a fused CPU kernel to it for the length of ``fit``. Results equal the
-plain step's within float32 rounding. ``compile(jit_compile=False)`` turns it off.
+(the same values, indices and gradients from the vectorised channels-last kernel), runs the
+convolution -> ReLU -> max-pool blocks of Sequentials channels-last with the ReLU after pooling
+(`channels_last_blocks`), and switches optimizers that have a fused CPU kernel to it for the
+length of ``fit``. Results equal the plain step's within float32 rounding. ``compile(jit_compile=False)`` turns it off.
 
 Threads: on a machine whose cores other work also uses, OpenMP threads that spin-wait for a
 busy sibling core can make a step several times slower than one thread. Unless
@@ -20,13 +21,14 @@ import logging
 import os
 import statistics
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..strategies import Strategy
+from .cpu_blocks import channels_last_blocks
 from .fast_pool import FastPooling
 from .metrics import Metric
 from .steps import TrainStep
@@ -122,6 +124,8 @@ class CpuTrainStep(TrainStep):
             group["fused"] = True
         _say_if_replicas_share_cores(strategy)
         self.threads = _ThreadChoice()
+        self._blocks = ExitStack()
+        self._blocks.enter_context(channels_last_blocks(module))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, global_size: int) -> None:
         self.threads.run(lambda: super(CpuTrainStep, self).__call__(x, y, global_size))
@@ -135,9 +139,15 @@ class CpuTrainStep(TrainStep):
         for group in self._fused_groups:
             group["fused"] = None
         self.threads.restore()
+        self._blocks.close()
 
 
 def fast_cpu_inference(model: Model, device: torch.device) -> AbstractContextManager:
-    """Where ``evaluate`` and ``predict`` run their forward passes: under `FastPooling` on a
-    CPU (unless compiled with ``jit_compile=False``), else as they are."""
-    return FastPooling() if device.type == "cpu" and model.jit_compile is not False else nullcontext()
+    """Where ``evaluate`` and ``predict`` run their forward passes: on a CPU (unless compiled
+    with ``jit_compile=False``) under `FastPooling` with `channels_last_blocks`, else as they are."""
+    if device.type != "cpu" or model.jit_compile is False:
+        return nullcontext()
+    stack = ExitStack()
+    stack.enter_context(channels_last_blocks(model))
+    stack.enter_context(FastPooling())
+    return stack
