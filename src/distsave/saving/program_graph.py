@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from ..training.fast_pool import max_pool2d_with_indices
 from .errors import ArtifactError
+from .program_rewrites import fuse_conv_blocks
 from .program_schema import MAX_PROGRAM_NODES, resolve_operator
 
 __all__ = ["build_graph_module"]
@@ -332,6 +333,7 @@ def build_graph_module(program: dict[str, Any], state: dict[str, torch.Tensor],
         for index, node in enumerate(graph["nodes"]):
             builder.node(index, node)
         builder.results(graph, signature["output_specs"])
+        fuse_conv_blocks(builder.graph)
         builder.module.graph = builder.graph
     except _Broken as error:
         raise ArtifactError(f"Could not rebuild the program {where}: {error}.") from None

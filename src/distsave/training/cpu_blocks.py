@@ -29,6 +29,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules import module as module_internals
 
+from .fast_pool import is_tracing
+
 __all__ = ["channels_last_blocks"]
 
 _PLAN = "_distsave_cpu_blocks"  # a Sequential's blocks: [(first layer, layers in the run)], by index
@@ -84,7 +86,7 @@ def _block(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
 def _blocks_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Sequential's forward with its planned runs fused (bound to the Sequential)."""
     layers = list(self._modules.values())
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if is_tracing():
         runs = []  # a program records the layers as written
     else:
         runs = self.__dict__[_PLAN]

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FastPooling", "fast_max_pool2d", "max_pool2d_with_indices"]
+__all__ = ["FastPooling", "fast_max_pool2d", "is_tracing", "max_pool2d_with_indices"]
 
 _aten = torch.ops.aten
 _CHANNELS_LAST = torch.channels_last
@@ -52,9 +52,16 @@ class _MaxPool2d(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+def is_tracing() -> bool:
+    """Whether torch is recording a program (export, compile): faster equivalents then step
+    aside, so the program records the operators as written."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _applies(x: torch.Tensor, return_indices: bool) -> bool:
-    """Only where the slow kernel would run: NCHW (or CHW) floating tensors on a CPU."""
-    return (not return_indices and x.device.type == "cpu" and x.dim() in (3, 4)
+    """Only where the slow kernel would run: NCHW (or CHW) floating tensors on a CPU, outside
+    tracing."""
+    return (not return_indices and x.device.type == "cpu" and x.dim() in (3, 4) and not is_tracing()
             and x.is_floating_point() and x.is_contiguous()
             and not x.is_contiguous(memory_format=_CHANNELS_LAST))
 
