@@ -3,8 +3,9 @@
 Each way saves the same model state (a `distsave.Sequential` of 8 square `nn.Linear` layers,
 compiled with Adam and stepped once: weights + two moments, 6.44 GB by default) and loads it
 back onto the device, every step in its own process (benchmarks/checkpoint_io_ways.py). Every
-save is fsync'd; the page cache is dropped before every load; each load is checked against the
-saved tensors. Prints a markdown table with ratios against the disk ceiling and the fastest
+save is fsync'd; the checkpoint's files are evicted from the page cache before every load
+(``--cold all``: the whole page cache, Python's own files included); each load is checked
+against the saved tensors. Prints a markdown table with ratios against the disk ceiling and the fastest
 peer, and writes a JSON-lines log (plus the table) under benchmarks/results/.
 
     PYTHONPATH=src python3 benchmarks/checkpoint_io.py --device cuda                # 6.44 GB
@@ -65,6 +66,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
                         default=list(WAYS), help=f"comma-separated subset of {','.join(WAYS)}")
     parser.add_argument("--repeats", type=int, default=1, help="runs of every step; the median is reported")
+    parser.add_argument("--cold", choices=("files", "all"), default="files",
+                        help="before each load, evict the checkpoint's files (default) or drop the whole page "
+                             "cache, Python's own files included (root)")
     parser.add_argument("--results", type=Path, default=HERE / "results",
                         help="folder for the JSON-lines log and the table (default benchmarks/results)")
     args = parser.parse_args()
@@ -104,14 +108,20 @@ def work_folder(requested: Path | None) -> Path:
                      "would measure memory, not the disk. Pass --dir on a real disk.")
 
 
-def cache_drop_method() -> str:
-    """'drop_caches' where this process may write it (root), else per-file fadvise(DONTNEED)."""
+def cache_drop_method(cold: str) -> str:
+    """How each load starts cold. ``files``: the checkpoint's files are evicted (per-file
+    fadvise(DONTNEED)), the rest of the page cache stays, as on a machine that has run Python
+    before. ``all``: the whole page cache is dropped (root), so whatever a way imports inside
+    its timed load (torch imports torch._dynamo the first time a process builds an optimizer)
+    is read from disk too."""
+    if cold == "files":
+        return "fadvise"
     try:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3")
         return "drop_caches"
-    except OSError:
-        return "fadvise"
+    except OSError as error:
+        raise SystemExit(f"--cold all needs root to write /proc/sys/vm/drop_caches ({error}); use --cold files.")
 
 
 def expose_cudart(folder: Path) -> str:
@@ -304,7 +314,7 @@ def main() -> None:
         return
     args = parse_args()
     folder = work_folder(args.dir)
-    cache = cache_drop_method()
+    cache = cache_drop_method(args.cold)
     cudart = expose_cudart(folder) if args.device == "cuda" else "n/a"
     header = run_header(args, folder, cache, cudart)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -11,14 +11,19 @@ from distsave import SaveError
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
-def test_serving_default_equals_the_eager_model_exactly(trained, tmp_path, batch, small_test):
+def test_serving_default_equals_predict_exactly_and_the_eager_model_within_rounding(trained, tmp_path, batch,
+                                                                                   small_test):
+    """On a CPU, predict and a loaded program both run conv -> ReLU -> pool channels-last
+    (training/cpu_blocks.py, saving/program_rewrites.py): bit for bit the same; the eager call
+    runs channels-first, so its convolution rounds differently."""
     distsave.saved_model.save(trained, tmp_path / "sm")
     loaded = distsave.saved_model.load(tmp_path / "sm")
     images = next(iter(small_test))[0][:batch]
-    with torch.no_grad():
-        expected = trained(images)
+    expected = trained.predict(images, batch_size=batch)
     assert torch.equal(loaded.signatures["serving_default"](images)["output_0"], expected)
     assert torch.equal(loaded.signatures["serving_default"](x=images)["output_0"], expected)
+    with torch.no_grad():
+        torch.testing.assert_close(expected, trained(images), rtol=1e-5, atol=1e-5)
 
 
 def test_load_in_a_fresh_process_without_the_users_code(trained, tmp_path, small_test):
@@ -31,8 +36,7 @@ def test_load_in_a_fresh_process_without_the_users_code(trained, tmp_path, small
             "out = loaded.signatures['serving_default'](torch.from_numpy(np.load(sys.argv[2])))\n"
             "np.save(sys.argv[3], out['logits'].cpu().numpy())\n")
     run_python(["-c", code, str(tmp_path / "sm"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")])
-    with torch.no_grad():
-        assert np.array_equal(np.load(tmp_path / "y.npy"), trained(images).numpy())
+    assert np.array_equal(np.load(tmp_path / "y.npy"), trained.predict(images, batch_size=5).numpy())
 
 
 def test_several_signatures_share_one_copy_of_the_weights(trained, exported_with_embed):
@@ -44,7 +48,7 @@ def test_several_signatures_share_one_copy_of_the_weights(trained, exported_with
         features = x
         for layer in trained.layers[:-1]:
             features = layer(features)
-        assert torch.equal(loaded.signatures["embed"](x)["embedding"], features)
+        torch.testing.assert_close(loaded.signatures["embed"](x)["embedding"], features, rtol=1e-5, atol=1e-5)
     first = loaded.signatures["serving_default"].module.get_parameter("0.weight")
     assert first is loaded.signatures["embed"].module.get_parameter("root.0.weight")
     assert first is loaded.variables["0.weight"]
@@ -94,8 +98,8 @@ def test_mixed_api_model_save_then_saved_model_load(trained, tmp_path, small_tes
     trained.save(tmp_path / "m")
     loaded = distsave.saved_model.load(tmp_path / "m")
     images = next(iter(small_test))[0]
-    with torch.no_grad():
-        assert torch.equal(loaded.signatures["serving_default"](images)["output_0"], trained(images))
+    expected = trained.predict(images, batch_size=len(images))
+    assert torch.equal(loaded.signatures["serving_default"](images)["output_0"], expected)
 
 
 def test_export_failure_is_a_save_error_and_writes_nothing(tmp_path):

@@ -253,9 +253,10 @@ def _load(path: str | os.PathLike, strategy: Strategy, compile: bool) -> Model:
         _adopt_stored_dtypes(model, snapshot.tensor_files(WEIGHTS), str(snapshot.root / single_file(WEIGHTS)))
         strategy.apply_sharding(model)
         _allocate(model, strategy.device)
-        _read_state(snapshot, model)
         restore = compile and manifest.get("compile") is not None
-        optimizer_tensors = _read_optimizer_state(snapshot, model, strategy.device) if restore else {}
+        optimizer_tensors = _optimizer_state_memory(snapshot, model, strategy.device) if restore else {}
+        _read_into_place(snapshot, {WEIGHTS: {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()},
+                                   **({OPTIMIZER: optimizer_tensors} if optimizer_tensors else {})})
         snapshot.verify_remaining()
     model.input_spec = specs
     model.runtime.strategy = strategy if has_strategy() else None
@@ -337,31 +338,32 @@ def _allocate(model: nn.Module, device: torch.device) -> None:
     _tie(model, ties)
 
 
-def _read_state(snapshot: Snapshot, model: nn.Module) -> None:
-    read_into_place(snapshot, WEIGHTS, {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()})
-
-
-def read_into_place(snapshot: Snapshot, stem: str, destinations: dict[str, torch.Tensor]) -> None:
-    """Fill each tensor of ``destinations`` from ``stem``: a plain tensor whole, a sharded
-    DTensor only the rows this process holds (the other processes read the rest)."""
-    slices, copy_back, shared = {}, [], False
-    for name, tensor in destinations.items():
-        local, first, replicated = local_slice(name, tensor)
-        shared = shared or not replicated
-        staged = local if local.is_contiguous() else torch.empty(local.shape, dtype=local.dtype, device=local.device)
-        if staged is not local:
-            copy_back.append((local, staged))
-        slices[name] = (staged, first)
+def _read_into_place(snapshot: Snapshot, destinations: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Fill each tensor of ``destinations`` (``stem -> name -> tensor``) from the files of its
+    stem, all files at once: a plain tensor whole, a sharded DTensor only the rows this process
+    holds (the other processes read the rest)."""
+    slices: dict[str, dict[str, tuple[torch.Tensor, int]]] = {}
+    copy_back, shared = [], False
+    for stem, tensors in destinations.items():
+        slices[stem] = {}
+        for name, tensor in tensors.items():
+            local, first, replicated = local_slice(name, tensor)
+            shared = shared or not replicated
+            staged = local if local.is_contiguous() else torch.empty(local.shape, dtype=local.dtype, device=local.device)
+            if staged is not local:
+                copy_back.append((local, staged))
+            slices[stem][name] = (staged, first)
     if shared:
-        snapshot.read_tensor_slices(stem, slices)
+        snapshot.read_tensor_slices(slices)
     else:
-        snapshot.read_tensors(stem, {name: staged for name, (staged, _) in slices.items()})
+        snapshot.read_tensors({stem: {name: staged for name, (staged, _) in wanted.items()}
+                               for stem, wanted in slices.items()})
     for local, staged in copy_back:
         local.copy_(staged)
 
 
-def _read_optimizer_state(snapshot: Snapshot, model: Model, device: torch.device) -> dict[str, torch.Tensor]:
-    """Optimizer state tensors, each checked against its parameter before allocation."""
+def _optimizer_state_memory(snapshot: Snapshot, model: Model, device: torch.device) -> dict[str, torch.Tensor]:
+    """Memory for the stored optimizer state tensors, each checked against its parameter first."""
     if not (snapshot.has(single_file(OPTIMIZER)) or snapshot.has(index_file(OPTIMIZER))):
         return {}
     stored = snapshot.tensor_files(OPTIMIZER)
@@ -377,9 +379,7 @@ def _read_optimizer_state(snapshot: Snapshot, model: Model, device: torch.device
     if problems:
         raise ArtifactError(f"Optimizer state in {snapshot.root / single_file(OPTIMIZER)} does not fit the "
                             "model: " + "; ".join(problems[:10]) + ". Re-save the model.")
-    tensors = {key: _like_parameter(entry, params[key.rpartition("/")[0]], device) for key, entry in stored.items()}
-    read_into_place(snapshot, OPTIMIZER, tensors)
-    return tensors  # load_state_dict places each as torch does
+    return {key: _like_parameter(entry, params[key.rpartition("/")[0]], device) for key, entry in stored.items()}
 
 
 def _like_parameter(entry: TensorEntry, param: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from .errors import ArtifactError
 from .format import (MANIFEST, MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, check_format,
                      chunk_starts, index_file, shard_file, single_file, validate_manifest)
-from .tensor_io import TensorEntry, TensorFile, parse_header, read_into
+from .tensor_io import TensorEntry, TensorFile, parse_header, read_files
 
 __all__ = ["Snapshot", "parse_json", "canonical_manifest_bytes"]
 
@@ -242,39 +242,47 @@ class Snapshot:
         self.tensor_files(stem)
         return next(name for name in self._stems[stem][0] if entry_name in self._headers[name].entries)
 
-    def read_tensors(self, stem: str, destinations: dict[str, torch.Tensor]) -> None:
-        """Fill ``destinations`` (one per tensor under ``stem``, matching dtype and shape,
-        contiguous, on any device) from the files, verifying every chunk's checksum."""
-        if set(destinations) != set(self.tensor_files(stem)):
-            raise ValueError("destinations must name every stored tensor")
-        self._read_stem(stem, {key: (tensor, 0) for key, tensor in destinations.items()}, self._verified)
+    def read_tensors(self, destinations: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Fill ``destinations`` (``stem -> name -> tensor``: every tensor stored under each
+        stem, matching dtype and shape, contiguous, on any device) from the files, all at once,
+        verifying every chunk's checksum."""
+        for stem, tensors in destinations.items():
+            if set(tensors) != set(self.tensor_files(stem)):
+                raise ValueError(f"destinations must name every tensor stored under {stem!r}")
+        self._read({stem: {key: (tensor, 0) for key, tensor in tensors.items()}
+                    for stem, tensors in destinations.items()}, self._verified)
 
-    def read_tensor_slices(self, stem: str, slices: dict[str, tuple[torch.Tensor, int]]) -> None:
+    def read_tensor_slices(self, slices: dict[str, dict[str, tuple[torch.Tensor, int]]]) -> None:
         """Fill each destination with its byte size of a stored tensor's bytes from a first byte
-        (``name -> (destination, first byte)``): the slices one process of several owns. Only
-        the chunks holding them are read and checked; the other processes check the rest, so
-        `verify_remaining` leaves these files to them."""
-        entries = self.tensor_files(stem)
-        unknown = sorted(set(slices) - set(entries))
-        if unknown:
-            raise ValueError(f"no stored tensors named {unknown[:3]}")
-        self._read_stem(stem, slices, self._shared)
+        (``stem -> name -> (destination, first byte)``): the slices one process of several
+        owns. Only the chunks holding them are read and checked; the other processes check the
+        rest, so `verify_remaining` leaves these files to them."""
+        for stem, wanted in slices.items():
+            unknown = sorted(set(wanted) - set(self.tensor_files(stem)))
+            if unknown:
+                raise ValueError(f"no tensors named {unknown[:3]} stored under {stem!r}")
+        self._read(slices, self._shared)
 
-    def _read_stem(self, stem: str, slices: dict[str, tuple[torch.Tensor, int]], done: set[str]) -> None:
-        """Read ``slices`` file by file, checking every chunk read; each file then joins ``done``."""
-        for name in self._stems[stem][0]:
-            header = self._headers[name]
-            digests, starts = self._digests(name)
-            bad = read_into(header, {key: slices[key] for key in header.entries if key in slices}, digests, starts)
+    def _read(self, slices: dict[str, dict[str, tuple[torch.Tensor, int]]], done: set[str]) -> None:
+        """Read every file of the stems in ``slices`` at once, checking every chunk read; each
+        file then joins ``done``."""
+        names = [name for stem in slices for name in self._stems[stem][0]]
+        jobs = []
+        for stem in slices:
+            for name in self._stems[stem][0]:
+                header = self._headers[name]
+                jobs.append((header, {key: slices[stem][key] for key in header.entries if key in slices[stem]},
+                             *self._digests(name)))
+        for name, bad in zip(names, read_files(jobs)):
             if bad:
                 raise self._changed(name, bad)
-            done.add(name)
+        done.update(names)
 
     def allocate_and_read(self, stem: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every tensor under ``stem``, freshly allocated (sizes bounded by the files) and read."""
         entries = self.tensor_files(stem)
         tensors = {k: torch.empty(e.shape, dtype=e.dtype, device=device) for k, e in entries.items()}
-        self.read_tensors(stem, tensors)
+        self.read_tensors({stem: tensors})
         return tensors
 
     @contextlib.contextmanager

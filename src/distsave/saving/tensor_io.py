@@ -30,7 +30,7 @@ from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
-           "flat_bytes", "frequent_gil_handoffs", "layout", "parse_header", "read_into", "run_parallel", "write_pieces",
+           "flat_bytes", "frequent_gil_handoffs", "layout", "parse_header", "read_files", "run_parallel", "write_pieces",
            "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -462,30 +462,39 @@ def _entry(key: str, value: object, data_start: int, bad) -> TensorEntry:
     return TensorEntry(key, dtype, tuple(shape), data_start + offsets[0], nbytes)
 
 
-def read_into(file: TensorFile, wanted: dict[str, tuple[torch.Tensor, int]],
-              digests: list[str], starts: list[int]) -> list[int]:
-    """Read bytes of ``file``'s tensors into destinations, hashing every chunk on the way.
+def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]], list[str], list[int]]]
+               ) -> list[list[int]]:
+    """Read bytes of each file's tensors into destinations, hashing every chunk on the way.
 
-    ``wanted`` maps a tensor name to ``(destination, first byte)``: the destination (contiguous,
-    any device, any dtype) receives its byte size of the tensor's stored bytes from that byte on;
-    all of a tensor, or the slice one process owns. Every chunk that holds a wanted byte, and
-    the header's, is read whole (bytes nobody wants go to a scratch buffer) so it can be checked.
+    Each job is ``(file, wanted, digests, chunk starts)``; ``wanted`` maps a tensor name to
+    ``(destination, first byte)``: the destination (contiguous, any device, any dtype) receives
+    its byte size of the tensor's stored bytes from that byte on; all of a tensor, or the slice
+    one process owns. Every chunk that holds a wanted byte, and the header's, is read whole
+    (bytes nobody wants go to a scratch buffer) so it can be checked. One pool of threads takes
+    the chunks of all files in turn, as `write_pieces` does.
 
     Returns:
-        The indices of chunks read whose sha256 differs from ``digests`` (empty when intact).
+        For each file, the indices of chunks read whose sha256 differs from its digests.
     """
-    pieces = [Piece(0, len(file.header), file.header, 0)]
-    for name, (destination, first) in sorted(wanted.items(), key=lambda item: file.entries[item[0]].start + item[1][1]):
-        flat = flat_bytes(destination)
-        if flat.numel():
-            pieces.append(Piece(file.entries[name].start + first, flat.numel(), flat, 0))
-    devices = {p.source.device for p in pieces if not isinstance(p.source, bytes) and p.source.device.type != "cpu"}
-    pool = _PinnedPool(next(iter(devices)), max(b - a for a, b in zip(starts, starts[1:] + [file.size]))) if devices else None
+    per_file, devices, largest = [], set(), 0
+    for index, (file, wanted, digests, starts) in enumerate(files):
+        pieces = [Piece(0, len(file.header), file.header, 0)]
+        for name, (destination, first) in sorted(wanted.items(),
+                                                 key=lambda item: file.entries[item[0]].start + item[1][1]):
+            flat = flat_bytes(destination)
+            if flat.numel():
+                pieces.append(Piece(file.entries[name].start + first, flat.numel(), flat, 0))
+                if flat.device.type != "cpu":
+                    devices.add(flat.device)
+        largest = max([largest] + [b - a for a, b in zip(starts, starts[1:] + [file.size])])
+        per_file.append([(index, chunk, chunk_pieces) for chunk, chunk_pieces in _chunks(pieces, starts)])
+    pool = _PinnedPool(next(iter(devices)), largest) if devices else None
 
-    def read_chunk(job: tuple[int, list[Piece]]) -> bool:
-        index, chunk_pieces = job
-        end = starts[index + 1] if index + 1 < len(starts) else file.size
-        chunk_pieces = _fill_gaps(chunk_pieces, starts[index], end)
+    def read_chunk(job: tuple[int, int, list[Piece]]) -> bool:
+        index, chunk, chunk_pieces = job
+        file, _, digests, starts = files[index]
+        end = starts[chunk + 1] if chunk + 1 < len(starts) else file.size
+        chunk_pieces = _fill_gaps(chunk_pieces, starts[chunk], end)
         digest = hashlib.sha256()
         staged = pool is not None and any(not isinstance(p.source, bytes) and p.source.device.type != "cpu"
                                           for p in chunk_pieces)
@@ -518,10 +527,14 @@ def read_into(file: TensorFile, wanted: dict[str, tuple[torch.Tensor, int]],
         if staging is not None:
             staging[1].synchronize()
             pool.give(staging)
-        return index < len(digests) and digest.hexdigest() == digests[index]
+        return chunk < len(digests) and digest.hexdigest() == digests[chunk]
 
-    jobs = list(_chunks(pieces, starts))
-    return [index for (index, _), ok in zip(jobs, run_parallel(read_chunk, jobs)) if not ok]
+    jobs = [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
+    bad: list[list[int]] = [[] for _ in files]
+    for (index, chunk, _), ok in zip(jobs, run_parallel(read_chunk, jobs)):
+        if not ok:
+            bad[index].append(chunk)
+    return bad
 
 
 def _fill_gaps(pieces: list[Piece], start: int, end: int) -> list[Piece]:
