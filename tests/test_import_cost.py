@@ -47,3 +47,28 @@ def test_loading_a_program_needs_no_torch_serializer(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_load_model_restores_the_optimizer_without_torch_dynamo_and_fit_still_works(tmp_path):
+    """torch imports torch._dynamo (seconds) the first time a process builds an optimizer;
+    load_model rebuilds Adam and its state without it, and leaves torch's methods as they were,
+    so the first training step imports it as usual."""
+    import torch
+
+    import distsave
+
+    model = distsave.Sequential([torch.nn.Linear(4, 2)], input_spec=distsave.TensorSpec((None, 4)))
+    model.compile(loss="mse", optimizer="adam")
+    model.fit(torch.rand(8, 4), torch.rand(8, 2), epochs=1, verbose=0)
+    model.save(tmp_path / "m")
+    script = (f"import sys, torch, distsave\n"
+              f"model = distsave.load_model({str(tmp_path / 'm')!r})\n"
+              f"assert len(model.optimizer.state) == 2 and 'torch._dynamo' not in sys.modules\n"
+              f"plain = [getattr(torch.optim.Optimizer, n).__wrapped__ for n in "
+              f"('add_param_group', 'state_dict', 'load_state_dict')]\n"
+              f"assert not any(hasattr(p, '__dynamo_disable') for p in plain)\n"
+              f"model.fit(torch.rand(8, 4), torch.rand(8, 2), epochs=1, verbose=0)\n"
+              f"print('torch._dynamo' in sys.modules, int(model.optimizer.state_dict()['state'][0]['step']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "True 2"

@@ -11,7 +11,7 @@ from ..training import losses as losses_module
 from ..training import metrics as metrics_module
 from ..training.losses import FunctionLoss, Loss, ModuleLoss
 from ..training.model import Model
-from ..training.optimizers import jsonable, optimizer_class, optimizer_config, tuples_back
+from ..training.optimizers import jsonable, optimizer_class, optimizer_config, tuples_back, without_dynamo_import
 from .architecture import build_module, module_spec
 from .errors import ArtifactError, SaveError
 from .registry import captured_config, registered, registered_name
@@ -160,8 +160,6 @@ def restore_compile(model: Model, config: dict[str, Any], state_tensors: dict[st
         groups.append({**tuples_back({k: v for k, v in group.items() if k != "params"}, accepted),
                        "params": [params[n] for n in group["params"]]})
     defaults = tuples_back({k: v for k, v in opt["defaults"].items() if k in accepted}, accepted)
-    model.compile(optimizer=lambda _: cls(groups, **defaults), loss=loss, metrics=metrics,
-                  loss_weights=loss_weights, precision=config.get("precision", "32"))
     index = {name: i for i, name in enumerate(n for g in opt["param_groups"] for n in g["params"])}
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in state_tensors.items():
@@ -169,8 +167,11 @@ def restore_compile(model: Model, config: dict[str, Any], state_tensors: dict[st
         state.setdefault(index[name], {})[field] = tensor
     for name, values in state_scalars.items():
         state.setdefault(index[name], {}).update(values)
-    saved = model.optimizer.state_dict()
-    model.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+    with without_dynamo_import():  # a loaded model that only predicts never needs it
+        model.compile(optimizer=lambda _: cls(groups, **defaults), loss=loss, metrics=metrics,
+                      loss_weights=loss_weights, precision=config.get("precision", "32"))
+        saved = model.optimizer.state_dict()
+        model.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
 
 
 def torch_defaults(cls: type[torch.optim.Optimizer]) -> dict[str, Any]:

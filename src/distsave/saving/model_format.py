@@ -12,11 +12,8 @@ reads each file once straight into the model.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
-import threading
 import weakref
 from typing import Any
 
@@ -37,7 +34,7 @@ from .signatures import ExportedSignatures, export_signatures
 from .slices import is_dtensor, local_slice
 from .snapshot import Snapshot
 from .storage import download_artifact, is_remote, local_path
-from .tensor_io import TensorEntry, frequent_gil_handoffs
+from .tensor_io import TensorEntry
 
 __all__ = ["save_model", "load_model", "materialize"]
 
@@ -239,10 +236,8 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
 
 
 def _load(path: str | os.PathLike, strategy: Strategy, compile: bool) -> Model:
-    with Snapshot.open(local_path(path)) as snapshot, snapshot.damage_first(), frequent_gil_handoffs():
+    with Snapshot.open(local_path(path)) as snapshot, snapshot.damage_first():
         manifest = snapshot.manifest
-        if compile and manifest.get("compile") is not None:
-            _import_optimizer_machinery()
         where = str(snapshot.root / MANIFEST)
         if manifest["kind"] != KIND_MODEL:
             raise ArtifactError(f"'{snapshot.root}' holds a {manifest['kind']!r} artifact written by "
@@ -267,21 +262,6 @@ def _load(path: str | os.PathLike, strategy: Strategy, compile: bool) -> Model:
     state = manifest.get("training_state", {})
     model.epoch, model.step = state.get("epoch", 0), state.get("step", 0)
     return model.eval()  # inference, as Keras' model(x); fit switches to training and back
-
-
-def _import_optimizer_machinery() -> None:
-    """Start importing ``torch._dynamo`` in a thread, so it overlaps the reads: torch imports it
-    the first time a process builds an optimizer (1-5 s, more than reading GBs of tensors)."""
-    if "torch._dynamo" in sys.modules:
-        return
-
-    def run() -> None:
-        try:
-            importlib.import_module("torch._dynamo")
-        except Exception:  # noqa: BLE001 - building the optimizer imports it again and raises there
-            pass
-
-    threading.Thread(target=run, name="distsave-import", daemon=True).start()
 
 
 def _rebuilding(where: str, field: str, build: Any) -> Any:

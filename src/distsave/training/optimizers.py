@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "optimizer_class", "optimizer_config"]
+__all__ = ["build_optimizer", "optimizer_class", "optimizer_config", "without_dynamo_import"]
 
 BY_NAME: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adam": (torch.optim.Adam, {}),
@@ -87,3 +89,36 @@ def tuples_back(defaults: dict[str, Any], reference: Iterable[tuple[str, Any]]) 
     ref = dict(reference)
     return {k: tuple(v) if isinstance(ref.get(k), tuple) and isinstance(v, list) else v
             for k, v in defaults.items()}
+
+
+# The Optimizer methods torch wraps in `torch._disable_dynamo` that building an optimizer and
+# restoring its state call.
+_DYNAMO_DISABLED = ("add_param_group", "state_dict", "load_state_dict")
+
+
+@contextlib.contextmanager
+def without_dynamo_import() -> Iterator[None]:
+    """Build optimizers and move their state without importing ``torch._dynamo``.
+
+    torch wraps those `Optimizer` methods in ``torch._disable_dynamo``, which imports
+    torch._dynamo on the first call (1-5 s, the larger part of loading a checkpoint in a fresh
+    process) only to mark them as not to be traced. Until torch._dynamo is imported nothing can
+    be traced, so meanwhile the wrapper is handed the plain method (it looks for it in the
+    ``__dynamo_disable`` attribute it caches); the attribute is removed afterwards, so the
+    first call after this imports as before.
+    """
+    if "torch._dynamo" in sys.modules:
+        yield
+        return
+    handed = []
+    for name in _DYNAMO_DISABLED:
+        plain = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
+        if plain is not None and getattr(plain, "__dynamo_disable", None) is None:
+            setattr(plain, "__dynamo_disable", plain)
+            handed.append(plain)
+    try:
+        yield
+    finally:
+        for plain in handed:
+            if getattr(plain, "__dynamo_disable", None) is plain:
+                delattr(plain, "__dynamo_disable")
