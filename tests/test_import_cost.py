@@ -50,9 +50,9 @@ def test_loading_a_program_needs_no_torch_serializer(tmp_path):
 
 
 def test_load_model_restores_the_optimizer_without_torch_dynamo_and_fit_still_works(tmp_path):
-    """torch imports torch._dynamo (seconds) the first time a process builds an optimizer;
-    load_model rebuilds Adam and its state without it, and leaves torch's methods as they were,
-    so the first training step imports it as usual."""
+    """torch imports torch._dynamo (seconds) the first time a process builds an optimizer, and
+    sympy the first time it allocates like a meta tensor; load_model needs neither, and leaves
+    torch's methods as they were, so the first training step imports torch._dynamo as usual."""
     import torch
 
     import distsave
@@ -64,6 +64,7 @@ def test_load_model_restores_the_optimizer_without_torch_dynamo_and_fit_still_wo
     script = (f"import sys, torch, distsave\n"
               f"model = distsave.load_model({str(tmp_path / 'm')!r})\n"
               f"assert len(model.optimizer.state) == 2 and 'torch._dynamo' not in sys.modules\n"
+              f"assert 'sympy' not in sys.modules, 'allocating the meta model imported sympy'\n"
               f"plain = [getattr(torch.optim.Optimizer, n).__wrapped__ for n in "
               f"('add_param_group', 'state_dict', 'load_state_dict')]\n"
               f"assert not any(hasattr(p, '__dynamo_disable') for p in plain)\n"

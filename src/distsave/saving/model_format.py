@@ -314,8 +314,17 @@ def _allocate(model: nn.Module, device: torch.device) -> None:
     if transient:
         raise ArtifactError(f"The architecture holds buffers that are not saved ({transient[:3]}); "
                             "their values cannot be restored without running its constructor for real.")
-    model.to_empty(device=device)
+    model._apply(lambda t: _empty_on(t, device))
     _tie(model, ties)
+
+
+def _empty_on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``torch.empty_like(tensor, device=device)`` (what ``Module.to_empty`` does), by
+    ``torch.empty`` where that is the same: ``empty_like`` of a ``meta`` tensor runs torch's
+    Python reference, whose first call imports sympy (0.5-2 s of a load)."""
+    if is_dtensor(tensor) or not tensor.is_contiguous():
+        return torch.empty_like(tensor, device=device)
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
 
 
 def _read_into_place(snapshot: Snapshot, destinations: dict[str, dict[str, torch.Tensor]]) -> None:
