@@ -148,3 +148,45 @@ def test_save_and_load_give_the_interpreter_its_gil_switch_interval_back(tmp_pat
         assert sys.getswitchinterval() == pytest.approx(own)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_a_direct_read_places_and_hashes_a_chunk_as_the_buffered_read_does(tmp_path, monkeypatch):
+    """GPU loads read whole chunks with O_DIRECT into page-locked memory (here: host memory and
+    no stream): the same bytes in place and the same digest; damage still changes the digest;
+    a chunk that cannot be read direct is handed back to the buffered read."""
+    import contextlib
+    import hashlib
+    import os
+
+    from distsave.saving import tensor_io
+
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    stream = type("NoStream", (), {"synchronize": lambda self: None})()
+    weights = torch.randn(300, 7)
+    path = tmp_path / "w.safetensors"
+    tensor_io.write_safetensors({path: {"w": weights}})
+    raw = torch.empty(2 * 4096 + path.stat().st_size, dtype=torch.uint8)
+    buffer = raw[(-raw.data_ptr()) % 4096:]
+
+    def read(start=0):
+        fd = os.open(path, os.O_RDONLY)
+        file = tensor_io.parse_header(str(path), fd, path.stat().st_size)
+        direct = tensor_io._direct_reader(fd)
+        assert direct is not None
+        try:
+            into = torch.empty_like(weights)
+            pieces = [tensor_io.Piece(0, len(file.header), file.header, 0),
+                      tensor_io.Piece(file.entries["w"].start, weights.numel() * 4, tensor_io.flat_bytes(into), 0)]
+            return tensor_io._read_direct(file, direct, start, file.size, pieces, (buffer, stream)), into
+        finally:
+            os.close(direct)
+            os.close(fd)
+
+    original = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest, into = read()
+    assert digest == original and torch.equal(into, weights)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    assert read()[0] == hashlib.sha256(bytes(data)).hexdigest() != original
+    assert read(start=8)[0] is None  # not page-aligned: read buffered instead
