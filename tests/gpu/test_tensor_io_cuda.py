@@ -59,3 +59,16 @@ def test_async_save_on_gpu_holds_the_state_of_the_moment_it_was_called(tmp_path,
             expected = {k: v.clone() for k, v in model.state_dict().items()}
     pinned = [key for key, buffer in background._buffers.get(model, {}).items() if buffer.is_pinned()]
     assert bool(pinned) is not room  # page-locked host buffers only when the device had no room
+
+
+def test_a_flipped_byte_is_found_by_a_load_to_the_gpu(tmp_path):
+    """GPU loads read chunks with O_DIRECT: damage in the weights is still found and named."""
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        model = distsave.Sequential([nn.Linear(512, 512)], input_spec=distsave.TensorSpec((None, 512)))
+        model.save(tmp_path / "m")
+        path = tmp_path / "m" / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 1
+        path.write_bytes(bytes(data))
+        with pytest.raises(distsave.ArtifactError, match="model.safetensors"):
+            distsave.load_model(tmp_path / "m")
