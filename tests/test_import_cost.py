@@ -26,6 +26,13 @@ def _probe() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _last_line_of(script: str) -> str:
+    """Run ``script`` in a fresh interpreter; the last line it printed (it must succeed)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 def test_import_distsave_adds_no_torch_modules_in_a_fresh_process():
     result = _probe()
     assert result["added"] == []
@@ -44,9 +51,7 @@ def test_loading_a_program_needs_no_torch_serializer(tmp_path):
               f"out = loaded.signatures['serving_default'](torch.zeros(2, 1, 28, 28))['output_0']\n"
               f"assert out.shape == (2, 10)\n"
               f"print(sorted(m for m in sys.modules if m.startswith({HEAVY!r})))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert _last_line_of(script) == "[]"
 
 
 def test_load_model_restores_the_optimizer_without_torch_dynamo_and_fit_still_works(tmp_path):
@@ -70,6 +75,4 @@ def test_load_model_restores_the_optimizer_without_torch_dynamo_and_fit_still_wo
               f"assert not any(hasattr(p, '__dynamo_disable') for p in plain)\n"
               f"model.fit(torch.rand(8, 4), torch.rand(8, 2), epochs=1, verbose=0)\n"
               f"print('torch._dynamo' in sys.modules, int(model.optimizer.state_dict()['state'][0]['step']))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "True 2"
+    assert _last_line_of(script) == "True 2"

@@ -2,10 +2,10 @@
 
 The caller's thread only copies the tensors (on the GPU itself when it has room, else into
 page-locked host buffers reused from one save to the next) and returns; a background thread
-writes, checksums, fsyncs and swaps the artifact into place. One save is in
-flight at a time: a new save first waits for the previous one, and an error in the background is
-raised by the next `save` or `wait_for_saves` with its original message. The interpreter waits
-for a save in flight before it exits.
+writes, checksums, fsyncs and swaps the artifact into place. One save is in flight at a time: a
+new save first waits for the previous one, and an error in the background is raised by the next
+`save` or `wait_for_saves` with its original message. The interpreter waits for a save in flight
+before it exits.
 """
 
 from __future__ import annotations

@@ -179,9 +179,9 @@ def write_artifact_in_background(strategy: Strategy, path: str | os.PathLike,
                                  max_shard_bytes: int | None = None,
                                  ready: Callable[[], None] | None = None) -> SaveHandle:
     """As `write_artifact`, but the chief writes everything in a background thread (from copies
-    the caller made; ``ready()`` waits until they are complete) and every replica returns at once. Replicas are not told of the
-    outcome (that would need a collective while training runs); the chief's next save or
-    `wait_for_saves` raises a failure."""
+    the caller made; ``ready()`` waits until they are complete) and every replica returns at
+    once. Replicas are not told of the outcome (that would need a collective while training
+    runs); the chief's next save or `wait_for_saves` raises a failure."""
     if not strategy.is_chief:
         return SaveHandle(os.fspath(path))
 

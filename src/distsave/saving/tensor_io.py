@@ -4,8 +4,10 @@ A file is cut into `HASH_CHUNK_BYTES` chunks. Writers lay out the safetensors he
 every tensor's offset is known), then threads each take chunks: gather the bytes (staging GPU
 tensors through a reusable pinned buffer), hash them, ``pwritev`` them at their offset. Readers
 parse and check the header, let the caller compare it with what it expects before anything is
-allocated, then threads ``preadv`` each chunk straight into the destination tensors (or a pinned
-buffer on the way to a GPU), hashing the very bytes they place. No byte is read twice.
+allocated, then threads ``preadv`` each chunk straight into the destination tensors (or, on the
+way to a GPU, whole into a pinned buffer with ``O_DIRECT``), hashing the very bytes they place.
+No byte is read twice. One pool of threads serves every file of a save or load at once, taking
+the files' chunks in turn: file systems serialise work inside one file, not across files.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
-           "flat_bytes", "frequent_gil_handoffs", "layout", "parse_header", "read_files", "run_parallel", "write_pieces",
-           "write_safetensors"]
+           "flat_bytes", "frequent_gil_handoffs", "layout", "parse_header", "read_files", "run_parallel",
+           "write_pieces", "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
