@@ -58,3 +58,14 @@ def test_unknown_dataset_and_split():
 def test_split_sizes_answer_to_the_tfds_name():
     _, info = distsave.datasets.load("mnist", with_info=True)
     assert info.splits["train"].num_examples == info.splits["train"] == 60000
+
+
+def test_one_split_reads_only_its_own_files(tmp_path):
+    """The test split loads from a folder holding only its two files (the training files,
+    6x larger, are not read: a third of a second of every inference cold start)."""
+    for f in BUNDLED_DIR.glob("t10k-*.gz"):
+        shutil.copy(f, tmp_path)
+    test, info = distsave.datasets.load("mnist", split="test", data_dir=tmp_path, with_info=True)
+    assert len(test) == 10000 and info.splits == {"train": 60000, "test": 10000}
+    with pytest.raises(DatasetFileError, match="train-images-idx3-ubyte.*missing"):
+        distsave.datasets.load("mnist", split="train", data_dir=tmp_path)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .dataset import Dataset
-from .mnist import load_mnist
+from .mnist import SPLIT_SIZES, load_mnist
 
 __all__ = ["load"]
 
-_REGISTRY = {"mnist": load_mnist}
+_REGISTRY = {"mnist": (load_mnist, SPLIT_SIZES)}  # loader(data_dir, splits), split names
 
 
 def load(
@@ -43,12 +43,13 @@ def load(
     """
     if name not in _REGISTRY:
         raise ValueError(f"Unknown dataset {name!r}. Available: {sorted(_REGISTRY)}.")
-    splits, info = _REGISTRY[name](data_dir)
+    loader, known = _REGISTRY[name]
+    if split is not None and split not in known:
+        raise ValueError(f"Unknown split {split!r} for {name!r}. Available: {sorted(known)}.")
+    splits, info = loader(data_dir, tuple(known) if split is None else (split,))
     if not as_supervised:
         splits = {k: ds.map(lambda image, label: {"image": image, "label": label})
                   for k, ds in splits.items()}
     if split is not None:
-        if split not in splits:
-            raise ValueError(f"Unknown split {split!r} for {name!r}. Available: {sorted(splits)}.")
         splits = splits[split]
     return (splits, info) if with_info else splits

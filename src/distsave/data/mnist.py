@@ -12,7 +12,7 @@ import torch
 from .dataset import Dataset
 from .info import DatasetInfo, FeatureInfo
 
-__all__ = ["BUNDLED_DIR", "load_mnist"]
+__all__ = ["BUNDLED_DIR", "SPLIT_SIZES", "load_mnist"]
 
 BUNDLED_DIR = Path(__file__).parent / "mnist"
 
@@ -62,15 +62,20 @@ def _parse_idx(raw: bytes, magic: int, item_dims: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 * len(header)).reshape(shape)
 
 
-def load_mnist(data_dir: str | Path | None = None) -> tuple[dict[str, Dataset], DatasetInfo]:
-    """Load MNIST as ``(image uint8 [1, 28, 28], label int64)`` elements per split."""
+# Examples per split of the original files (which the md5s pin down).
+SPLIT_SIZES = {"train": 60000, "test": 10000}
+
+
+def load_mnist(data_dir: str | Path | None = None,
+               splits: tuple[str, ...] = tuple(SPLIT_SIZES)) -> tuple[dict[str, Dataset], DatasetInfo]:
+    """Load MNIST as ``(image uint8 [1, 28, 28], label int64)`` elements, for the ``splits``
+    asked for (only their files are read: the training files are 6x the test files)."""
     folder = Path(data_dir) if data_dir is not None else BUNDLED_DIR
-    raw = {key: _read_checked(folder, name, md5) for key, (name, md5) in _FILES.items()}
-    splits = {}
-    for split in ("train", "test"):
-        images = _parse_idx(raw[f"{split}_images"], _IMAGE_MAGIC, 3)
-        labels = _parse_idx(raw[f"{split}_labels"], _LABEL_MAGIC, 1)
-        splits[split] = Dataset.from_tensor_slices(
+    loaded = {}
+    for split in splits:
+        images = _parse_idx(_read_checked(folder, *_FILES[f"{split}_images"]), _IMAGE_MAGIC, 3)
+        labels = _parse_idx(_read_checked(folder, *_FILES[f"{split}_labels"]), _LABEL_MAGIC, 1)
+        loaded[split] = Dataset.from_tensor_slices(
             (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
         )
     info = DatasetInfo(
@@ -79,7 +84,7 @@ def load_mnist(data_dir: str | Path | None = None) -> tuple[dict[str, Dataset], 
             "image": FeatureInfo(shape=(1, 28, 28), dtype="uint8"),
             "label": FeatureInfo(shape=(), dtype="int64", num_classes=10),
         },
-        splits={name: len(ds) for name, ds in splits.items()},
+        splits=dict(SPLIT_SIZES),
         data_dir=str(folder),
     )
-    return splits, info
+    return loaded, info
