@@ -41,7 +41,8 @@ def test_mirrored_over_every_gpu_uses_nccl_trains_and_saves_once(mnist, tmp_path
     reports = _replicas_script(tmp_path, "adam")
     assert {r["replicas"] for r in reports} == {torch.cuda.device_count()}
     assert {r["backend"] for r in reports} == {"nccl"}
-    assert not any(r["captured"] for r in reports), reports  # eager DDP unless jit_compile=True
+    if len(reports) > 1:  # one GPU captures its single-device step; several run eager DDP by default
+        assert not any(r["captured"] for r in reports), reports
     assert reports[0]["loss"][1] < reports[0]["loss"][0]
     with distsave.MirroredStrategy(devices=["cuda:0"]).scope():
         restored = distsave.load_model(tmp_path / "r.artifact")
