@@ -16,7 +16,21 @@ from distsave.saving.manifest import read_manifest
 SPEC = distsave.TensorSpec((None, 1, 28, 28))
 
 
-def test_async_save_holds_the_weights_of_the_moment_it_was_called(tmp_path):
+def test_async_save_holds_the_weights_of_the_moment_it_was_called(tmp_path, monkeypatch):
+    """The background write starts only after training changed the weights (an event, not a
+    race), so a save that wrote the live tensors would be caught every time."""
+    import threading
+
+    from distsave.saving.manifest import ArtifactWriter
+
+    trained_on = threading.Event()
+    write = ArtifactWriter.write_tensor_sets
+
+    def after_training_went_on(self, *args, **kwargs):
+        assert trained_on.wait(timeout=60)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArtifactWriter, "write_tensor_sets", after_training_went_on)
     model = tiny_model(input_spec=SPEC)
     x = torch.rand(4, 1, 28, 28)
     expected = model.predict(x)
@@ -24,6 +38,7 @@ def test_async_save_holds_the_weights_of_the_moment_it_was_called(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # training goes on while the file is written
+    trained_on.set()
     handle.result()
     assert handle.done()
     assert torch.equal(distsave.load_model(tmp_path / "m").predict(x), expected)
