@@ -33,7 +33,7 @@ from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
-           "flat_bytes", "frequent_gil_handoffs", "layout", "parse_header", "read_files", "run_parallel",
+           "flat_bytes", "layout", "parse_header", "read_files", "run_parallel",
            "write_pieces", "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -263,11 +263,17 @@ def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
 
     per_file = [[(index, fd, segment) for segment in _segments(pieces, HASH_CHUNK_BYTES)]
                 for index, (fd, pieces) in enumerate(files)]
-    jobs = [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
+    jobs = _in_turn(per_file)
     written: list[list[Segment]] = [[] for _ in files]
     for (index, _, _), segment in zip(jobs, run_parallel(write_segment, jobs)):
         written[index].append(segment)
     return written
+
+
+def _in_turn(per_file: list[list[Any]]) -> list[Any]:
+    """Every file's jobs, taken one file after another (first of each, second of each, ...), so
+    a pool of threads works on all files at once."""
+    return [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
 
 
 def _writeback_starter() -> Callable[[int, int, int], None]:
@@ -346,7 +352,7 @@ def alongside(background: Callable[[], Any], foreground: Callable[[], Any]) -> t
         except BaseException as error:  # raised below, in the caller's thread
             outcome["error"] = error
 
-    with frequent_gil_handoffs():
+    with _frequent_gil_handoffs():
         thread = threading.Thread(target=run, name="distsave-write", daemon=True)
         thread.start()
         try:
@@ -359,7 +365,7 @@ def alongside(background: Callable[[], Any], foreground: Callable[[], Any]) -> t
 
 
 @contextlib.contextmanager
-def frequent_gil_handoffs(seconds: float = 0.0005) -> Iterator[None]:
+def _frequent_gil_handoffs(seconds: float = 0.0005) -> Iterator[None]:
     """Let the interpreter hand the GIL over every ``seconds`` (default 0.5 ms, not Python's 5 ms)
     while I/O threads share it with Python-heavy work (an export, an import). Each chunk a
     thread moves needs the GIL a few times between its system calls; against a busy thread the
@@ -527,10 +533,8 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
                 offset = used
                 with torch.cuda.stream(staging[1]):
                     for p in group:
-                        if p.source.device.type != "cpu":
-                            p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length], non_blocking=True)
-                        else:
-                            p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length])
+                        p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length],
+                                                             non_blocking=p.source.device.type != "cpu")
                         offset += p.length
                 used += sum(p.length for p in group)
         if staging is not None:
@@ -538,7 +542,7 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
             pool.give(staging)
         return chunk < len(digests) and digest.hexdigest() == digests[chunk]
 
-    jobs = [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
+    jobs = _in_turn(per_file)
     try:
         results = run_parallel(read_chunk, jobs)
     finally:
