@@ -144,11 +144,11 @@ def _verify(args: argparse.Namespace) -> int:
                 if snapshot.has(single_file(stem)) or snapshot.has(index_file(stem)):
                     snapshot.tensor_files(stem)
             snapshot.verify_remaining()
-            count = len(snapshot.names())
+            count, checksum = len(snapshot.names()), snapshot.checksum.field
     except ArtifactError as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
-    print(f"OK: {args.path}: {count} files match their sha256 checksums")
+    print(f"OK: {args.path}: {count} files match their {checksum} checksums")
     return 0
 
 

@@ -26,7 +26,7 @@ def test_artifact_holds_only_json_and_safetensors_listed_with_checksums(trained,
     assert manifest["compile"]["optimizer"]["class"] == "Adam"
     assert manifest["compile"]["metrics"] == [{"class": "SparseCategoricalAccuracy",
                                                "config": {"name": "accuracy"}}]
-    assert all(len(digest) == 64 for entry in manifest["files"].values() for digest in entry["sha256"])
+    assert all(len(digest) == 32 for entry in manifest["files"].values() for digest in entry["xxh3_128"])
 
 
 def test_restored_model_reports_the_same_loss_and_accuracy(trained, small_test, tmp_path):

@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import distsave
+from distsave.saving.checksum import XXH3_128
 from tests.conftest import run_script
 
 
@@ -79,7 +80,7 @@ def test_a_missing_byte_range_is_refused_on_every_replica_and_async_save_explain
     weights = work / "damaged" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
     rewrite_manifest(work / "damaged", lambda m: m["files"]["model.safetensors"].update(
-        bytes=weights.stat().st_size, chunk_starts=[0], sha256=[__import__("hashlib").sha256(weights.read_bytes()).hexdigest()]))
+        bytes=weights.stat().st_size, chunk_starts=[0], xxh3_128=[XXH3_128.of(weights.read_bytes())]))
     result = run_script("sharded_roundtrip.py", "refused", str(work), timeout=300)
     for rank in (0, 1):
         assert f"replica {rank} LOAD REFUSED" in result.stdout, result.stdout

@@ -91,7 +91,7 @@ def test_download_refuses_unsafe_names_and_wrong_sizes(tmp_path, url):
     upload_artifact(_saved(tiny_model(input_spec=distsave.TensorSpec((None, 1, 28, 28))), tmp_path), url)
     fs, root = fsspec.core.url_to_fs(url)
     manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-    manifest["files"]["../../escape.json"] = {"bytes": 2, "sha256": "0"}
+    manifest["files"]["../../escape.json"] = {"bytes": 2, "xxh3_128": "0"}
     fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest).encode())
     with pytest.raises(ArtifactError, match="not a plain relative file name"), download_artifact(url):
         pass
@@ -108,7 +108,7 @@ def test_download_then_load_still_verifies_checksums(tmp_path, url):
     data = bytearray(fs.cat_file(f"{root}/model.safetensors"))
     data[-1] ^= 0xFF
     fs.pipe_file(f"{root}/model.safetensors", bytes(data))
-    with download_artifact(url) as local, pytest.raises(ArtifactError, match="sha256 does not match"):
+    with download_artifact(url) as local, pytest.raises(ArtifactError, match="xxh3_128 does not match"):
         distsave.saved_model.load(local)
 
 

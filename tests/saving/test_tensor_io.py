@@ -14,6 +14,7 @@ from tests.conftest import rewrite_manifest
 import distsave
 from distsave import ArtifactError
 from distsave.saving import format as artifact_format
+from distsave.saving.checksum import XXH3_128
 
 
 @distsave.register_serializable(package="Tests")
@@ -87,7 +88,7 @@ def test_a_tensor_across_chunk_boundaries(tmp_path, monkeypatch):
     model = distsave.Sequential([nn.Linear(50, 40)], input_spec=distsave.TensorSpec((None, 50)))
     model.save(tmp_path / "m")
     manifest = distsave.saving.read_manifest(tmp_path / "m")
-    assert len(manifest["files"]["model.safetensors"]["sha256"]) > 5
+    assert len(manifest["files"]["model.safetensors"]["xxh3_128"]) > 5
     assert_same_bytes(model.state_dict(), distsave.load_model(tmp_path / "m").state_dict())
 
 
@@ -110,21 +111,50 @@ def test_a_flipped_byte_anywhere_is_found_and_named(tmp_path):
                 load(copy)
 
 
-def test_old_format_version_1_still_loads(tmp_path):
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_older_format_versions_with_sha256_still_load_and_check_every_byte(tmp_path, monkeypatch, version):
+    """Versions 1-3 hashed with sha256 (one digest per file in 1, per chunk after): they load,
+    and a flipped byte is still named."""
     import hashlib
     import json
 
+    monkeypatch.setattr(artifact_format, "HASH_CHUNK_BYTES", 1000)
+    monkeypatch.setattr("distsave.saving.tensor_io.HASH_CHUNK_BYTES", 1000)
     model = filled_model()
     model.save(tmp_path / "m")
 
-    def as_version_1(manifest):
-        manifest["format_version"] = 1
+    def as_old_version(manifest):
+        manifest["format_version"] = version
         for name, entry in manifest["files"].items():
-            entry["sha256"] = hashlib.sha256((tmp_path / "m" / name).read_bytes()).hexdigest()
+            data = (tmp_path / "m" / name).read_bytes()
+            chunks = [data[i:i + 1000] for i in range(0, max(len(data), 1), 1000)]
+            digests = [hashlib.sha256(chunk).hexdigest() for chunk in chunks]
+            entry["sha256"] = hashlib.sha256(data).hexdigest() if version == 1 else digests
+            del entry["xxh3_128"]
 
-    rewrite_manifest(tmp_path / "m", as_version_1)
-    assert json.loads((tmp_path / "m/manifest.json").read_text())["format_version"] == 1
+    rewrite_manifest(tmp_path / "m", as_old_version)
+    assert json.loads((tmp_path / "m/manifest.json").read_text())["format_version"] == version
     assert_same_bytes(model.state_dict(), distsave.load_model(tmp_path / "m").state_dict())
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 4
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="model.safetensors: content changed \\(sha256"):
+        distsave.load_model(tmp_path / "m")
+
+
+def test_version_4_checksums_are_xxh3_128_of_each_chunk(tmp_path):
+    import xxhash
+
+    model = filled_model()
+    model.save(tmp_path / "m")
+    manifest = distsave.saving.read_manifest(tmp_path / "m")
+    assert manifest["format_version"] == 4
+    for name, entry in manifest["files"].items():
+        data = (tmp_path / "m" / name).read_bytes()
+        chunk = artifact_format.HASH_CHUNK_BYTES
+        assert entry["xxh3_128"] == [xxhash.xxh3_128(data[i:i + chunk]).hexdigest()
+                                     for i in range(0, max(len(data), 1), chunk)]
 
 
 def test_save_and_load_give_the_interpreter_its_gil_switch_interval_back(tmp_path):
@@ -155,7 +185,6 @@ def test_a_direct_read_places_and_hashes_a_chunk_as_the_buffered_read_does(tmp_p
     no stream): the same bytes in place and the same digest; damage still changes the digest;
     a chunk that cannot be read direct is handed back to the buffered read."""
     import contextlib
-    import hashlib
     import os
 
     from distsave.saving import tensor_io
@@ -177,16 +206,16 @@ def test_a_direct_read_places_and_hashes_a_chunk_as_the_buffered_read_does(tmp_p
             into = torch.empty_like(weights)
             pieces = [tensor_io.Piece(0, len(file.header), file.header, 0),
                       tensor_io.Piece(file.entries["w"].start, weights.numel() * 4, tensor_io.flat_bytes(into), 0)]
-            return tensor_io._read_direct(file, direct, start, file.size, pieces, (buffer, stream)), into
+            return tensor_io._read_direct(file, direct, start, file.size, pieces, (buffer, stream), XXH3_128), into
         finally:
             os.close(direct)
             os.close(fd)
 
-    original = hashlib.sha256(path.read_bytes()).hexdigest()
+    original = XXH3_128.of(path.read_bytes())
     digest, into = read()
     assert digest == original and torch.equal(into, weights)
     data = bytearray(path.read_bytes())
     data[-5] ^= 1
     path.write_bytes(bytes(data))
-    assert read()[0] == hashlib.sha256(bytes(data)).hexdigest() != original
+    assert read()[0] == XXH3_128.of(bytes(data)) != original
     assert read(start=8)[0] is None  # not page-aligned: read buffered instead

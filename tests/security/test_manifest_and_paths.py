@@ -3,7 +3,6 @@ point at special files, and signature names that are not file names. Checksums a
 recomputed, as an attacker would; every refusal is an ArtifactError (or SaveError) naming the
 file and the field."""
 
-import hashlib
 import os
 import shutil
 import time
@@ -16,6 +15,7 @@ from tests.conftest import rewrite_manifest, tiny_model
 import distsave
 from distsave import ArtifactError, SaveError
 from distsave.saved_model import Signature
+from distsave.saving.checksum import XXH3_128
 
 SPEC = distsave.TensorSpec((None, 1, 28, 28))
 
@@ -46,7 +46,7 @@ def refused_by_both(artifact, match):
     (lambda m: m.update(kind="pickle"), "kind"),
     (lambda m: m.update(files=[]), "files"),
     (lambda m: m["files"]["model.safetensors"].update(bytes="10"), "files.model.safetensors.bytes"),
-    (lambda m: m["files"]["model.safetensors"].update(sha256="0" * 64), "files.model.safetensors.sha256"),
+    (lambda m: m["files"]["model.safetensors"].update(xxh3_128="0" * 32), "files.model.safetensors.xxh3_128"),
     (lambda m: m.update(input_spec=[{"shape": [None, -1], "dtype": "float32"}]), r"input_spec\[0\].shape\[1\]"),
     (lambda m: m.update(input_spec=[{"shape": [None, 10**6, 10**6], "dtype": "float32"}]), r"input_spec\[0\].shape"),
     (lambda m: m.update(input_spec=[{"shape": [None, 4], "dtype": "object"}]), r"input_spec\[0\].dtype"),
@@ -56,8 +56,8 @@ def refused_by_both(artifact, match):
     (lambda m: m["signatures"]["serving_default"]["state"].update({"a;b": "0.weight"}), "signatures.serving_default.state"),
     (lambda m: m["compile"]["optimizer"].update(param_groups="all"), "compile.optimizer.param_groups"),
     (lambda m: m.update(architecture=[1, 2]), "architecture"),
-    (lambda m: m["files"]["model.safetensors"].update(bytes=2**70), "files.model.safetensors.sha256"),
-    (lambda m: m["files"]["model.safetensors"].update(bytes=2**50), "files.model.safetensors.sha256"),
+    (lambda m: m["files"]["model.safetensors"].update(bytes=2**70), "files.model.safetensors.xxh3_128"),
+    (lambda m: m["files"]["model.safetensors"].update(bytes=2**50), "files.model.safetensors.xxh3_128"),
     (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[5]), "files.model.safetensors.chunk_starts"),
     (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[0, 0]), "files.model.safetensors.chunk_starts"),
     (lambda m: m["files"]["model.safetensors"].update(chunk_starts=[0, 10**12]), "files.model.safetensors.chunk_starts"),
@@ -86,8 +86,8 @@ def test_chunks_of_a_file_relisted_with_their_digests_still_check_every_byte(art
 
     def relist(m):
         ends = starts[1:] + [len(data)]
-        m["files"]["model.safetensors"].update(chunk_starts=starts, sha256=[
-            hashlib.sha256(data[a:b]).hexdigest() for a, b in zip(starts, ends)])
+        m["files"]["model.safetensors"].update(chunk_starts=starts, xxh3_128=[
+            XXH3_128.of(data[a:b]) for a, b in zip(starts, ends)])
     rewrite_manifest(artifact, relist)
     distsave.load_model(artifact)
     with open(artifact / "model.safetensors", "r+b") as f:

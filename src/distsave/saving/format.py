@@ -10,6 +10,7 @@ import keyword
 import re
 from typing import Any
 
+from .checksum import for_version
 from .errors import ArtifactError, SaveError
 
 __all__ = [
@@ -26,8 +27,9 @@ FORMAT_NAME = "distsave"
 # 1: one sha256 per file. 2: one sha256 per HASH_CHUNK_BYTES of each file (parallel hashing).
 # 3: a file may list where its hashed chunks start ("chunk_starts"), so that several processes
 #    writing disjoint byte ranges of one file (a sharded model's slices) each hash their own.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: chunks checked with XXH3-128 instead of sha256 (`checksum`: hashing never limits I/O).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 WEIGHTS = "model"
 OPTIMIZER = "optimizer"
@@ -236,17 +238,22 @@ def _validate_files(s: _Schema, files: Any, version: int) -> None:
             s.fail(f"files.{name}", "a file distsave writes (only safetensors and JSON, by known names)", name)
         entry = s.dict(entry, f"files.{name}")
         size = s.count(entry.get("bytes"), f"files.{name}.bytes")
-        digests = entry.get("sha256")
+        checksum = for_version(version)
+        digests = entry.get(checksum.field)
         if version == 1:
             digests = [digests]
         starts = entry.get("chunk_starts")
         if starts is not None:
             _validate_chunk_starts(s, starts, size, version, f"files.{name}.chunk_starts")
-        chunks = len(starts) if starts is not None else max(1, -(-size // HASH_CHUNK_BYTES))  # no list: a size may be huge
-        if (not isinstance(digests, list) or len(digests) != chunks
-                or not all(isinstance(d, str) and _SHA256.match(d) for d in digests)):
-            s.fail(f"files.{name}.sha256", f"{chunks} sha256 hex digest(s), one per chunk"
-                   if version > 1 else "a sha256 hex digest", entry.get("sha256"))
+        if version == 1:
+            chunks = 1  # one digest of the whole file
+        elif starts is not None:
+            chunks = len(starts)
+        else:
+            chunks = max(1, -(-size // HASH_CHUNK_BYTES))  # no list: a size may be huge
+        if not isinstance(digests, list) or len(digests) != chunks or not all(map(checksum.is_digest, digests)):
+            s.fail(f"files.{name}.{checksum.field}", f"{chunks} {checksum.field} hex digest(s), one per chunk"
+                   if version > 1 else f"a {checksum.field} hex digest", entry.get(checksum.field))
 
 
 def _validate_chunk_starts(s: _Schema, starts: Any, size: int, version: int, field: str) -> None:

@@ -112,7 +112,7 @@ def write_held(staging: Path, plan: Plan, held: dict[str, dict[str, HeldBytes]],
     """Write this process's bytes of every planned file (created by the chief) and flush them.
 
     Returns:
-        ``file name -> [[start, length, sha256], ...]``, the segments written (JSON-able).
+        ``file name -> [[start, length, digest], ...]``, the segments written (JSON-able).
     """
     everything = {name: part for tensors in held.values() for name, part in tensors.items()}
     files = [(file, _pieces(file, everything, rank, world)) for file in plan.files]
@@ -125,7 +125,7 @@ def write_held(staging: Path, plan: Plan, held: dict[str, dict[str, HeldBytes]],
     finally:
         for fd in fds:
             os.close(fd)
-    return {file.name: [[s.start, s.length, s.sha256] for s in segments]
+    return {file.name: [[s.start, s.length, s.digest] for s in segments]
             for (file, _), segments in zip(files, written)}
 
 

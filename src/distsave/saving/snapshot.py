@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .checksum import for_version
 from .errors import ArtifactError
 from .format import (MANIFEST, MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, check_format,
                      chunk_starts, index_file, shard_file, single_file, validate_manifest)
@@ -65,10 +66,12 @@ class Snapshot:
     Attributes:
         root: The artifact's path.
         manifest: The validated manifest.
+        checksum: What its files' digests are (by format version).
     """
 
     def __init__(self, root: Path, manifest: dict[str, Any], files: dict[str, tuple[int, int]]):
         self.root, self.manifest = root, manifest
+        self.checksum = for_version(manifest["format_version"])
         self._files = files  # name -> (fd, size)
         self._verified: set[str] = set()
         self._headers: dict[str, TensorFile] = {}
@@ -175,11 +178,11 @@ class Snapshot:
         return sorted(self._files)
 
     def _digests(self, name: str) -> tuple[list[str], list[int]]:
-        """A file's chunk digests and where each chunk starts."""
+        """A file's chunk digests (of `self.checksum`) and where each chunk starts."""
         entry = self.manifest["files"][name]
         if self.manifest["format_version"] == 1:  # one digest for the whole file
-            return [entry["sha256"]], [0]
-        return entry["sha256"], chunk_starts(entry["bytes"], entry.get("chunk_starts"))
+            return [entry[self.checksum.field]], [0]
+        return entry[self.checksum.field], chunk_starts(entry["bytes"], entry.get("chunk_starts"))
 
     def read_bytes(self, name: str, max_bytes: int) -> bytes:
         """A whole (small) file, checked against its checksums."""
@@ -189,7 +192,7 @@ class Snapshot:
         data = _read_exactly(fd, size, str(self.root / name))
         digests, starts = self._digests(name)
         bad = [i for i, (a, b) in enumerate(zip(starts, starts[1:] + [size]))
-               if hashlib.sha256(data[a:b]).hexdigest() != digests[i]]
+               if self.checksum.of(data[a:b]) != digests[i]]
         if bad:
             raise self._changed(name, bad)
         self._verified.add(name)
@@ -273,7 +276,7 @@ class Snapshot:
                 header = self._headers[name]
                 jobs.append((header, {key: slices[stem][key] for key in header.entries if key in slices[stem]},
                              *self._digests(name)))
-        for name, bad in zip(names, read_files(jobs)):
+        for name, bad in zip(names, read_files(jobs, self.checksum)):
             if bad:
                 raise self._changed(name, bad)
         done.update(names)
@@ -312,15 +315,15 @@ class Snapshot:
             digests, starts = self._digests(name)
             for index, (start, end) in enumerate(zip(starts, starts[1:] + [size])):
                 data = os.pread(fd, max(end - start, 0), start)
-                if hashlib.sha256(data).hexdigest() != digests[index]:
-                    problems.append(f"{name}: content changed (sha256 does not match the manifest)")
+                if self.checksum.of(data) != digests[index]:
+                    problems.append(f"{name}: content changed ({self.checksum.field} does not match the manifest)")
                     break
             else:
                 self._verified.add(name)
         return problems
 
     def _changed(self, name: str, chunks: list[int]) -> ArtifactError:
-        return _failed(self.root, [f"{name}: content changed (sha256 does not match the manifest, "
+        return _failed(self.root, [f"{name}: content changed ({self.checksum.field} does not match the manifest, "
                                    f"in chunk(s) {chunks[:5]})"])
 
     def close(self) -> None:

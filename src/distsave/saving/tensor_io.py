@@ -16,7 +16,6 @@ import bisect
 import contextlib
 import ctypes
 import errno
-import hashlib
 import itertools
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .checksum import WRITTEN, Checksum
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES
 
@@ -51,15 +51,15 @@ _WORKERS = max(4, min(16, os.cpu_count() or 1))
 
 @dataclass(frozen=True)
 class FileRecord:
-    """What the manifest lists for a file: its size, one sha256 per chunk, and where the chunks
-    start when they are not the fixed `HASH_CHUNK_BYTES` grid."""
+    """What the manifest lists for a file: its size, one digest per chunk (`checksum.WRITTEN`),
+    and where the chunks start when they are not the fixed `HASH_CHUNK_BYTES` grid."""
 
     bytes: int
-    sha256: list[str]
+    digests: list[str]
     starts: list[int] | None = None
 
     def to_json(self) -> dict:
-        record: dict = {"bytes": self.bytes, "sha256": self.sha256}
+        record: dict = {"bytes": self.bytes, WRITTEN.field: self.digests}
         if self.starts is not None:
             record["chunk_starts"] = self.starts
         return record
@@ -71,14 +71,13 @@ class Segment:
 
     start: int
     length: int
-    sha256: str
+    digest: str
 
 
 def chunk_digests(data: bytes | memoryview) -> FileRecord:
     """The record of an in-memory file (JSON files, small headers)."""
     view = memoryview(data)
-    digests = [hashlib.sha256(view[i:i + HASH_CHUNK_BYTES]).hexdigest()
-               for i in range(0, max(len(view), 1), HASH_CHUNK_BYTES)]
+    digests = [WRITTEN.of(view[i:i + HASH_CHUNK_BYTES]) for i in range(0, max(len(view), 1), HASH_CHUNK_BYTES)]
     return FileRecord(len(view), digests)
 
 
@@ -231,7 +230,7 @@ def write_safetensors(files: dict[str | os.PathLike, dict[str, torch.Tensor]]) -
     finally:
         for fd in fds:
             os.close(fd)
-    return [FileRecord(size, [segment.sha256 for segment in segments]) for size, segments in zip(sizes, written)]
+    return [FileRecord(size, [segment.digest for segment in segments]) for size, segments in zip(sizes, written)]
 
 
 def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
@@ -250,7 +249,7 @@ def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
     def write_segment(job: tuple[int, int, list[Piece]]) -> Segment:
         _, fd, segment = job
         views, staging = _host_views(segment, pool)
-        digest = hashlib.sha256()
+        digest = WRITTEN.new()
         for view in views:
             digest.update(view)
         for i in range(0, len(views), _IOV_MAX):
@@ -471,8 +470,8 @@ def _entry(key: str, value: object, data_start: int, bad) -> TensorEntry:
     return TensorEntry(key, dtype, tuple(shape), data_start + offsets[0], nbytes)
 
 
-def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]], list[str], list[int]]]
-               ) -> list[list[int]]:
+def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]], list[str], list[int]]],
+               checksum: Checksum = WRITTEN) -> list[list[int]]:
     """Read bytes of each file's tensors into destinations, hashing every chunk on the way.
 
     Each job is ``(file, wanted, digests, chunk starts)``; ``wanted`` maps a tensor name to
@@ -483,7 +482,7 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
     the chunks of all files in turn, as `write_pieces` does.
 
     Returns:
-        For each file, the indices of chunks read whose sha256 differs from its digests.
+        For each file, the indices of chunks read whose ``checksum`` differs from its digests.
     """
     per_file, devices, largest = [], set(), 0
     for index, (file, wanted, digests, starts) in enumerate(files):
@@ -509,11 +508,11 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
                                           for p in chunk_pieces)
         staging = pool.take() if staged else None
         if staging is not None and direct[index] is not None:
-            hexdigest = _read_direct(file, direct[index], starts[chunk], end, chunk_pieces, staging)
+            hexdigest = _read_direct(file, direct[index], starts[chunk], end, chunk_pieces, staging, checksum)
             if hexdigest is not None:
                 pool.give(staging)
                 return chunk < len(digests) and hexdigest == digests[chunk]
-        digest = hashlib.sha256()
+        digest = checksum.new()
         buffer = staging[0] if staging else None
         used = 0
         for group in _contiguous_reads(chunk_pieces):
@@ -573,9 +572,9 @@ def _direct_reader(fd: int) -> int | None:
 
 
 def _read_direct(file: TensorFile, fd: int, start: int, end: int, pieces: list[Piece],
-                 staging: tuple[torch.Tensor, torch.cuda.Stream]) -> str | None:
+                 staging: tuple[torch.Tensor, torch.cuda.Stream], checksum: Checksum) -> str | None:
     """Read the chunk ``[start, end)`` whole through ``fd`` (O_DIRECT) into the page-locked
-    ``staging`` buffer and copy each piece to its destination; the chunk's sha256 (header bytes
+    ``staging`` buffer and copy each piece to its destination; the chunk's digest (header bytes
     hashed as parsed, as the buffered read does), or None where this read cannot be direct
     (an unaligned chunk, a file system that refuses, a short read): then the caller reads it
     buffered."""
@@ -593,7 +592,7 @@ def _read_direct(file: TensorFile, fd: int, start: int, end: int, pieces: list[P
         raise
     if got < length:
         return None
-    digest = hashlib.sha256()
+    digest = checksum.new()
     with torch.cuda.stream(stream):
         for p in pieces:
             at = p.offset - start
