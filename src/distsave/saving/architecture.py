@@ -129,6 +129,11 @@ def register_special(class_name: str, builder: Any) -> None:
     _SPECIAL_BUILDERS[class_name] = builder
 
 
+def has_special_builder(class_name: str) -> bool:
+    """Whether ``class_name`` is rebuilt by a distsave layer's own builder (from its artifact)."""
+    return class_name in _SPECIAL_BUILDERS
+
+
 def build_module(spec: Any, where: str = "model", context: Any = None) -> nn.Module:
     """Rebuild a module from its spec; unknown class names raise `ArtifactError`."""
     if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):

@@ -28,6 +28,7 @@ from .background import SaveHandle, stable_copies, wait_for_saves
 from .commit import write_artifact, write_artifact_in_background
 from .compile_config import compile_to_json, optimizer_state, restore_compile
 from .errors import ArtifactError, SaveError
+from .export_process import HelperExport, helper_modules
 from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single_file
 from .manifest import ArtifactWriter
 from .signatures import ExportedSignatures, export_signatures
@@ -36,7 +37,7 @@ from .snapshot import Snapshot
 from .storage import download_artifact, is_remote, local_path
 from .tensor_io import TensorEntry
 
-__all__ = ["save_model", "load_model", "materialize"]
+__all__ = ["save_model", "load_model", "materialize", "rebuild_on_meta"]
 
 _NO_INPUTS = (
     "{name} cannot be saved yet: its inputs are not known, so its architecture and serving "
@@ -75,7 +76,8 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
             (default 4 GiB).
         blocking: False returns once the tensors are copied (on the GPU when it has room, else
             to host memory); the chief writes in a background thread (see
-            `distsave.wait_for_saves`); training may go on meanwhile.
+            `distsave.wait_for_saves`); training may go on meanwhile. A first save's serving
+            program is exported by a helper process where one can rebuild the model.
 
     Returns:
         A `SaveHandle`; ``handle.result()`` waits for a background save and raises its error.
@@ -96,15 +98,18 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     rebuilt = _check_rebuilds(architecture, model)
     strategy = model.distribute_strategy
     export_key = json.dumps([architecture, input_spec])
-    # A blocking save exports its program while the tensors are written; a background save
-    # exports before it returns, while the model is as saved.
-    exported = _export_serving(model, rebuilt, export_key) if strategy.is_chief and not blocking else None
     weights = model.state_dict()
     state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
     if not blocking and any(not local_slice(name, t)[2] for name, t in weights.items()):
         raise SaveError("model.save(blocking=False) needs the whole model on one replica; under "
                         "ShardedStrategy each replica holds 1/N and all write their rows together. "
                         "Save with blocking=True: the replicas write in parallel, straight to the files.")
+    # A blocking save exports its program while the tensors are written; a background save
+    # starts a helper process exporting it (or exports before it returns, while the model is as
+    # saved, where a helper cannot rebuild the model).
+    exported = None
+    if strategy.is_chief and not blocking:
+        exported = _export_serving(model, rebuilt, export_key, (architecture, input_spec))
     content = {
         "kind": KIND_MODEL,
         "architecture": architecture,
@@ -156,30 +161,66 @@ def _tie(model: nn.Module, groups: list[list[str]]) -> None:
 _SERVING_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _export_serving(model: Model, rebuilt: Model, key: str) -> ExportedSignatures:
+class _CachedOnceWritten(HelperExport):
+    """A helper's export that joins the cache once it arrived (in the background writer)."""
+
+    def __init__(self, model: Model, key: str, *args: Any):
+        super().__init__(*args)
+        self._model, self._key = weakref.ref(model), key
+
+    def result(self) -> ExportedSignatures:
+        exported = super().result()
+        model = self._model()
+        if model is not None:
+            _SERVING_PROGRAMS[model] = (self._key, exported)
+        return exported
+
+
+def _export_serving(model: Model, rebuilt: Model, key: str,
+                    helper_request: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+                    ) -> ExportedSignatures | HelperExport:
     """The ``serving_default`` program, exported from the ``meta`` rebuild of the model (no
     copy of the weights anywhere, whatever device the model is on), or from the model itself
-    when its code cannot run on ``meta`` (e.g. it reads tensor values)."""
+    when its code cannot run on ``meta``: it keeps tensors as plain attributes (which have no
+    values there), or it reads tensor values.
+
+    With ``helper_request`` (architecture, input spec), a helper process exports the rebuild
+    where one can rebuild the model (`export_process`), and this returns at once."""
     cached = _SERVING_PROGRAMS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    try:
-        exported = export_signatures(rebuilt, None, model.input_spec)
-        if any(t.device.type == "meta" for t in exported.constants.values()):
-            raise SaveError("the program holds tensor constants, whose values meta does not have")
-    except SaveError:
+    on_meta = not any(isinstance(value, torch.Tensor) for module in rebuilt.modules()
+                      for value in vars(module).values())
+    modules = helper_modules(helper_request[0]) if on_meta and helper_request is not None else None
+    if modules is not None:
+        return _CachedOnceWritten(model, key, *helper_request, modules, type(model).__name__)
+    exported = None
+    if on_meta:
+        try:
+            exported = export_signatures(rebuilt, None, model.input_spec)
+            if any(t.device.type == "meta" for t in exported.constants.values()):
+                exported = None  # tensors held elsewhere than plain attributes (in a list, say)
+        except (SaveError, RuntimeError, NotImplementedError):  # code that needs real values
+            pass
+    if exported is None:
         exported = export_signatures(model, None, model.input_spec)
     if not exported.constants:
         _SERVING_PROGRAMS[model] = (key, exported)
     return exported
 
 
+def rebuild_on_meta(architecture: dict[str, Any], specs: list[TensorSpec] | None) -> Model:
+    """The model an architecture describes, on the ``meta`` device (no memory), in eval mode."""
+    with torch.device("meta"):
+        rebuilt = build_module(architecture, context=None)
+    materialize(rebuilt, specs)
+    return rebuilt.eval()
+
+
 def _check_rebuilds(architecture: dict[str, Any], model: Model) -> Model:
     """The recorded architecture must rebuild the same tensors (checked on ``meta``: free);
     returns the rebuild, in eval mode."""
-    with torch.device("meta"):
-        rebuilt = build_module(architecture, context=None)
-    materialize(rebuilt, model.input_spec)
+    rebuilt = rebuild_on_meta(architecture, model.input_spec)
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
     if mine != theirs:
@@ -187,7 +228,7 @@ def _check_rebuilds(architecture: dict[str, Any], model: Model) -> Model:
         raise SaveError(f"The recorded architecture of {type(model).__name__} does not rebuild the "
                         f"same weights (differences: {differing}). A layer's constructor arguments "
                         "were not captured; give its class a get_config() and register it.")
-    return rebuilt.eval()
+    return rebuilt
 
 
 def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
