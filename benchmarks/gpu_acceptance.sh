@@ -2,7 +2,9 @@
 # The GPU acceptance runs, for a machine with CUDA (the device tool): results under $OUT.
 # Usage: OUT=/some/dir bash benchmarks/gpu_acceptance.sh
 set -uo pipefail
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# distsave's needs the image lacks (xxhash) travel as wheels in .whl/ (benchmarks/README.md).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="$PWD/src:$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/distsave-gpu}
 mkdir -p "$OUT"
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"

@@ -2,7 +2,9 @@
 # Issue 16's GPU runs (device tool, 4 GPUs): tests/gpu on 4, 2 and 1 GPUs, scaling, fit speed.
 # Usage: OUT=/some/dir STAGES="tests4 scaling" bash benchmarks/mirror_gpu.sh
 set -uo pipefail
-export PYTHONPATH="$PWD/src:$PWD" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# distsave's needs the image lacks (xxhash) travel as wheels in .whl/ (benchmarks/README.md).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="$PWD/src:$PWD:/tmp/site" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 OUT=${OUT:-/tmp/mirror-gpu}; mkdir -p "$OUT"
 nvidia-smi -L | tee "$OUT/cards.txt"
 for stage in ${STAGES:-tests4 scaling}; do

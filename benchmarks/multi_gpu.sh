@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 6 on a machine with N >= 2 GPUs (device tool): results under $OUT.
 set -uo pipefail
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# distsave's needs the image lacks (xxhash) travel as wheels in .whl/ (benchmarks/README.md).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="$PWD/src:$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/distsave-multi-gpu}; mkdir -p "$OUT" /tmp/mg
 N=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 echo "== $N GPUs: $(python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))')"
