@@ -56,7 +56,12 @@ def build_model(device: str, size_gb: float) -> distsave.Model:
         model = distsave.Sequential(layers, input_spec=distsave.TensorSpec((None, width)))
         model.compile(optimizer="adam", loss="mse", jit_compile=False)
         batch = torch.randn(4, width, generator=torch.Generator().manual_seed(0))
-        model.fit(batch, batch, batch_size=4, epochs=1, verbose=0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one CPU thread sums in one order: every process builds the same bytes
+        try:
+            model.fit(batch, batch, batch_size=4, epochs=1, verbose=0)
+        finally:
+            torch.set_num_threads(threads)
     return model
 
 

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .architecture import has_special_builder
@@ -58,11 +59,12 @@ def helper_modules(architecture: dict[str, Any]) -> list[str] | None:
 
 
 class HelperExport:
-    """The serving program being exported by a helper process; `write` waits for it."""
+    """The serving program being exported by a helper process; `write` waits for it, and
+    ``arrived`` is told of it once (to reuse it in later saves)."""
 
     def __init__(self, architecture: dict[str, Any], input_spec: list[dict[str, Any]], modules: list[str],
-                 where: str):
-        self.where = where
+                 where: str, arrived: Callable[[ExportedSignatures], None] = lambda exported: None):
+        self.where, self._arrived = where, arrived
         request = json.dumps({"architecture": architecture, "input_spec": input_spec, "modules": modules})
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
                "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -85,16 +87,21 @@ class HelperExport:
             except ValueError:
                 tail = err.decode(errors="replace").strip().splitlines()[-5:]
                 raise SaveError(f"The helper process exporting {self.where}'s serving program exited with "
-                                f"code {self._process.returncode} and no program: {' | '.join(tail)}") from None
-            if "error" in reply:
+                                f"code {self._process.returncode} and no program: {' | '.join(tail)}. "
+                                "Save again with blocking=True to export in this process.") from None
+            if isinstance(reply, dict) and "error" in reply:
                 raise SaveError(str(reply["error"]))
-            programs = {}
-            for name, (program, entry) in reply["programs"].items():
+            try:
+                sent = {name: (program, entry) for name, (program, entry) in reply["programs"].items()}
+            except (TypeError, ValueError, KeyError, AttributeError):
+                raise SaveError(f"The helper process exporting {self.where}'s serving program sent a "
+                                "malformed reply; save again with blocking=True.") from None
+            for name, (program, _) in sent.items():
                 problems = check_program(program, f"signature {name!r} from the export helper")
                 if problems:
                     raise SaveError("The exported program could not be loaded safely again: " + "; ".join(problems))
-                programs[name] = (program, entry, {})
-            self._exported = ExportedSignatures(programs)
+            self._exported = ExportedSignatures({name: (program, entry, {}) for name, (program, entry) in sent.items()})
+            self._arrived(self._exported)
         return self._exported
 
     def write(self, writer: Any) -> dict[str, Any]:

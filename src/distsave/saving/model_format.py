@@ -161,21 +161,6 @@ def _tie(model: nn.Module, groups: list[list[str]]) -> None:
 _SERVING_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class _CachedOnceWritten(HelperExport):
-    """A helper's export that joins the cache once it arrived (in the background writer)."""
-
-    def __init__(self, model: Model, key: str, *args: Any):
-        super().__init__(*args)
-        self._model, self._key = weakref.ref(model), key
-
-    def result(self) -> ExportedSignatures:
-        exported = super().result()
-        model = self._model()
-        if model is not None:
-            _SERVING_PROGRAMS[model] = (self._key, exported)
-        return exported
-
-
 def _export_serving(model: Model, rebuilt: Model, key: str,
                     helper_request: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
                     ) -> ExportedSignatures | HelperExport:
@@ -193,7 +178,8 @@ def _export_serving(model: Model, rebuilt: Model, key: str,
                       for value in vars(module).values())
     modules = helper_modules(helper_request[0]) if on_meta and helper_request is not None else None
     if modules is not None:
-        return _CachedOnceWritten(model, key, *helper_request, modules, type(model).__name__)
+        return HelperExport(*helper_request, modules, type(model).__name__,
+                            arrived=lambda exported: _SERVING_PROGRAMS.__setitem__(model, (key, exported)))
     exported = None
     if on_meta:
         try:
