@@ -295,7 +295,8 @@ def table(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
         if blocked is not None:
             first = summary[way, "save"]["first_blocked_s"]
             notes.append(f"save blocked the caller {blocked:.3f} s ({first:.3f} s on the first save, "
-                         "which makes the host buffers and exports the program); save s is until durable")
+                         "the process's first: copies made anew, the program exported or handed to a helper); "
+                         "save s is until durable")
         rise = " / ".join(f"{summary[way, op]['rss_rise_gib']:.2f}" if summary.get((way, op), {}).get("status") == "ok"
                           else "—" for op in ("save", "load"))
         lines.append(f"| {LABELS[way]} | " + " | ".join(cells(way, "save") + cells(way, "load"))

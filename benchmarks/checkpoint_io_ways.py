@@ -316,7 +316,7 @@ def save_distsave_async(model: distsave.Model, folder: Path) -> Callable[[], Any
             raise
         return time.perf_counter() - start
 
-    first_blocked = save()  # a training run's first checkpoint: host buffers and program are made
+    first_blocked = save()  # a training run's first checkpoint: copies and program made anew
     distsave.wait_for_saves()
 
     def run() -> dict[str, float]:
