@@ -14,7 +14,7 @@ FUZZER = Path(__file__).with_name("fuzz_artifacts.py")
 
 def test_fuzzed_artifacts_only_ever_raise_artifact_error(tmp_path):
     report = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, str(FUZZER), "--seconds", "40", "--seed", "20261126",
+    result = subprocess.run([sys.executable, str(FUZZER), "--seconds", "20", "--seed", "20261126",
                              "--round-timeout", "30", "--report", str(report)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert report.exists(), f"the fuzzer died (a hang is reported with its stacks):\n{result.stderr[-5000:]}"

@@ -17,7 +17,16 @@ from distsave.saving.manifest import read_manifest
 SPEC = distsave.TensorSpec((None, 1, 28, 28))
 
 
-def test_async_save_holds_the_weights_of_the_moment_it_was_called(tmp_path, monkeypatch):
+@pytest.fixture
+def export_here(monkeypatch):
+    """Export on this thread, not in a helper process: for tests of other guarantees, a few
+    seconds each on a 2-core machine (the helper tests below cover that path)."""
+    from distsave.saving import model_format
+
+    monkeypatch.setattr(model_format, "helper_modules", lambda architecture: None)
+
+
+def test_async_save_holds_the_weights_of_the_moment_it_was_called(export_here, tmp_path, monkeypatch):
     """The background write starts only after training changed the weights (an event, not a
     race), so a save that wrote the live tensors would be caught every time."""
     import threading
@@ -57,7 +66,7 @@ def test_ten_back_to_back_async_saves_all_verify(tmp_path):
     assert distsave.load_model(tmp_path / "m0").layers[1].bias.eq(9).all()
 
 
-def test_a_background_failure_surfaces_on_the_next_save(tmp_path):
+def test_a_background_failure_surfaces_on_the_next_save(export_here, tmp_path):
     model = tiny_model(input_spec=SPEC)
     (tmp_path / "file").write_text("x")
     handle = model.save(tmp_path / "file" / "m", blocking=False)  # its parent is a file
