@@ -211,6 +211,11 @@ MUTATIONS = [
              "                if problems:",
              "                if False:",
              ("tests/saving/test_async_save.py::test_what_a_helper_sends_back_is_checked_like_a_file",)),
+    Mutation("helper-reply-file-name", "a helper's reply names only the signature's own file",
+             "src/distsave/saving/export_process.py",
+             '                if not isinstance(entry, dict) or entry.get("program") != signature_file(check_signature_name(name)):',
+             "                if not isinstance(entry, dict):",
+             ("tests/saving/test_async_save.py::test_what_a_helper_sends_back_is_checked_like_a_file",)),
 ]
 
 

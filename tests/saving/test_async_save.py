@@ -162,9 +162,12 @@ def test_a_helper_export_failure_surfaces_with_its_reason_and_keeps_the_old_arti
 
 @pytest.mark.parametrize("helper, message", [
     ("import json, sys; sys.stdin.read(); print(json.dumps({'programs': {'serving_default': "
-     "[{'graph_module': {'graph': {'nodes': [{'target': 'torch.ops.aten.from_file.default'}]}}}, {}]}}))",
+     "[{'graph_module': {'graph': {'nodes': [{'target': 'torch.ops.aten.from_file.default'}]}}}, "
+     "{'program': 'signatures/serving_default.json'}]}}))",
      "could not be loaded safely again"),
     ("import sys; sys.stdin.read(); print('torch died', file=sys.stderr); sys.exit(3)", "exited with code 3.*torch died"),
+    ("import json, sys; sys.stdin.read(); print(json.dumps({'programs': {'serving_default': "
+     "[{}, {'program': '../../escape.json'}]}}))", "named its file '../../escape.json'"),
 ])
 def test_what_a_helper_sends_back_is_checked_like_a_file(tmp_path, monkeypatch, helper, message):
     from distsave.saving import export_process
@@ -173,7 +176,7 @@ def test_what_a_helper_sends_back_is_checked_like_a_file(tmp_path, monkeypatch, 
     handle = tiny_model(input_spec=SPEC).save(tmp_path / "m", blocking=False)
     with pytest.raises(SaveError, match=message):
         handle.result()
-    assert not (tmp_path / "m").exists()
+    assert not (tmp_path / "m").exists() and not (tmp_path.parent / "escape.json").exists()
 
 
 def test_interpreter_exit_waits_for_a_save_in_flight(tmp_path):

@@ -23,6 +23,7 @@ from typing import Any
 
 from .architecture import has_special_builder
 from .errors import SaveError
+from .format import check_signature_name, signature_file
 from .program import check_program
 from .registry import registered
 from .signatures import ExportedSignatures
@@ -96,7 +97,11 @@ class HelperExport:
             except (TypeError, ValueError, KeyError, AttributeError):
                 raise SaveError(f"The helper process exporting {self.where}'s serving program sent a "
                                 "malformed reply; save again with blocking=True.") from None
-            for name, (program, _) in sent.items():
+            for name, (program, entry) in sent.items():
+                if not isinstance(entry, dict) or entry.get("program") != signature_file(check_signature_name(name)):
+                    raise SaveError(f"The helper process exporting {self.where}'s serving program named "
+                                    f"its file {entry.get('program') if isinstance(entry, dict) else entry!r:.80}, "
+                                    f"not {signature_file(name)!r}; save again with blocking=True.")
                 problems = check_program(program, f"signature {name!r} from the export helper")
                 if problems:
                     raise SaveError("The exported program could not be loaded safely again: " + "; ".join(problems))
