@@ -198,6 +198,11 @@ def run_all(args: argparse.Namespace, folder: Path, cache: str, log, records: li
     """Every selected way, repeat after repeat (so a busy moment of the machine hits all ways);
     appends each step's record to ``records`` and ``log`` as it ends."""
     selected = [w for w in WAYS if w in args.only]
+    # Compile the modules a distsave save imports on first use once, untimed: where torch ships
+    # without bytecode (the GPU image, with PYTHONPYCACHEPREFIX), the first process to import
+    # them would otherwise spend seconds compiling them inside its timed save.
+    subprocess.run([sys.executable, "-c", "import distsave, torch.export, torch._export.serde.serialize"],
+                   check=False, capture_output=True)
     for repeat in range(args.repeats):
         for position, way in enumerate(selected):
             source = READS_FROM.get(way)
