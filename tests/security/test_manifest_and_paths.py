@@ -71,6 +71,16 @@ def test_malformed_field_is_named(artifact, edit, field):
     refused_by_both(artifact, f"manifest.json: field '{field}")
 
 
+@pytest.mark.parametrize("damage", [lambda d: d[:-1], lambda d: d + "\n", lambda d: d.upper(), lambda d: 64])
+def test_a_malformed_manifest_checksum_is_named(artifact, damage):
+    import json
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["manifest_sha256"] = damage(manifest["manifest_sha256"])
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    refused_by_both(artifact, "manifest.json: field 'manifest_sha256' should be a sha256 hex digest")
+
+
 def nested(depth: int) -> list:
     value: list = []
     for _ in range(depth):

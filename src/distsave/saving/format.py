@@ -10,7 +10,7 @@ import keyword
 import re
 from typing import Any
 
-from .checksum import for_version
+from .checksum import SHA256, for_version
 from .errors import ArtifactError, SaveError
 
 __all__ = [
@@ -59,7 +59,6 @@ _SIGNATURE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _KNOWN_FILE = re.compile(rf"^({_STEMS}(-\d{{5}}-of-\d{{5}})?\.safetensors"
                          rf"|{_STEMS}\.safetensors\.index\.json"
                          rf"|{SIGNATURES_DIR}/[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}\.json)$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -171,7 +170,7 @@ def check_format(manifest: Any, where: str) -> dict[str, Any]:
     if version not in READABLE_VERSIONS:
         raise ArtifactError(f"{where} has format_version {version}; this distsave reads versions "
                             f"{list(READABLE_VERSIONS)}. Upgrade distsave to load it.")
-    if not isinstance(m.get("manifest_sha256"), str) or not _SHA256.match(m["manifest_sha256"]):
+    if not SHA256.is_digest(m.get("manifest_sha256")):
         s.fail("manifest_sha256", "a sha256 hex digest", m.get("manifest_sha256"))
     return m
 

@@ -471,7 +471,7 @@ def _entry(key: str, value: object, data_start: int, bad) -> TensorEntry:
 
 
 def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]], list[str], list[int]]],
-               checksum: Checksum = WRITTEN) -> list[list[int]]:
+               checksum: Checksum) -> list[list[int]]:
     """Read bytes of each file's tensors into destinations, hashing every chunk on the way.
 
     Each job is ``(file, wanted, digests, chunk starts)``; ``wanted`` maps a tensor name to
