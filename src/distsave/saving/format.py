@@ -16,7 +16,7 @@ from .errors import ArtifactError, SaveError
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST", "WEIGHTS", "OPTIMIZER",
     "CONSTANTS", "TRAINING_STATE", "SIGNATURES_DIR", "KIND_MODEL", "KIND_SAVED_MODEL",
-    "KIND_TRAINING_STATE", "HASH_CHUNK_BYTES",
+    "KIND_TRAINING_STATE", "HASH_CHUNK_BYTES", "TENSOR_ALIGNMENT",
     "DEFAULT_MAX_SHARD_BYTES", "MAX_MANIFEST_BYTES", "MAX_PROGRAM_BYTES", "MAX_INDEX_BYTES",
     "MAX_SAFETENSORS_HEADER_BYTES", "MAX_JSON_DEPTH", "MAX_INPUT_ELEMENTS", "MAX_NAME_LENGTH",
     "is_known_file", "check_format", "signature_file", "check_signature_name", "shard_file", "single_file",
@@ -41,6 +41,10 @@ KIND_SAVED_MODEL = "saved_model"
 KIND_TRAINING_STATE = "training_state"  # where a fit stopped; a checkpoint pairs it with a model
 
 HASH_CHUNK_BYTES = 16 * 2**20
+# Where tensors start in the safetensors files distsave writes: torch's CPU allocator's
+# alignment, so a CPU load maps them in place (`mapped`). Files aligned otherwise (other
+# writers, older distsave) load all the same: their unaligned tensors are copied.
+TENSOR_ALIGNMENT = 64
 # Files stay below 4 GiB: under old 32-bit offset tools and single-PUT object-store limits;
 # writers and readers work in parallel inside a file, so nothing is gained by smaller shards.
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30

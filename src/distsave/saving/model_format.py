@@ -217,7 +217,7 @@ def _check_rebuilds(architecture: dict[str, Any], model: Model) -> Model:
     return rebuilt
 
 
-def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
+def load_model(path: str | os.PathLike, *, compile: bool = True, mmap: bool = True) -> Model:
     """Rebuild, fill and compile a model that ``model.save`` wrote.
 
     Built-in layers and registered classes are rebuilt from the manifest (nothing is imported or
@@ -229,6 +229,12 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
     Args:
         path: The model directory, or an fsspec URL (``s3://…``; downloaded, then checked).
         compile: Restore loss, metrics and optimizer state (default), so ``fit`` continues.
+        mmap: On the CPU, keep the tensors on a private mapping of the checked files (default,
+            as ``safetensors`` does): no copy, and processes loading one artifact share its
+            pages until they write. The files must then not be rewritten in place while the
+            model lives (distsave's saves never do; a file cut short under the mapping ends the
+            process with SIGBUS). ``False`` reads into memory of the model's own, as do
+            loads onto a GPU, of sharded models, and of remote artifacts (the download is removed).
 
     Returns:
         The `Model` in eval mode (call it for inference; `fit` trains and puts the mode back),
@@ -244,13 +250,13 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
     """
     if is_remote(path):
         with download_artifact(os.fspath(path)) as local:
-            return load_model(local, compile=compile)
+            return load_model(local, compile=compile, mmap=False)
     strategy = get_strategy()
     if not has_strategy() or strategy.num_replicas_in_sync == 1:
-        return _load(path, strategy, compile)
+        return _load(path, strategy, compile, mmap)
     failure, model = None, None
     try:
-        model = _load(path, strategy, compile)
+        model = _load(path, strategy, compile, mmap)
     except Exception as error:  # every replica is told below, so none waits for the others
         failure = error
     reports = strategy.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
@@ -262,7 +268,7 @@ def load_model(path: str | os.PathLike, *, compile: bool = True) -> Model:
     return model
 
 
-def _load(path: str | os.PathLike, strategy: Strategy, compile: bool) -> Model:
+def _load(path: str | os.PathLike, strategy: Strategy, compile: bool, mmap: bool) -> Model:
     with Snapshot.open(local_path(path)) as snapshot, snapshot.damage_first():
         manifest = snapshot.manifest
         where = str(snapshot.root / MANIFEST)
@@ -274,11 +280,14 @@ def _load(path: str | os.PathLike, strategy: Strategy, compile: bool) -> Model:
         _rebuilding(where, "tied_parameters", lambda: _tie(model, manifest["tied_parameters"]))
         _adopt_stored_dtypes(model, snapshot.tensor_files(WEIGHTS), str(snapshot.root / single_file(WEIGHTS)))
         strategy.apply_sharding(model)
-        _allocate(model, strategy.device)
         restore = compile and manifest.get("compile") is not None
-        optimizer_tensors = _optimizer_state_memory(snapshot, model, strategy.device) if restore else {}
-        _read_into_place(snapshot, {WEIGHTS: {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()},
-                                   **({OPTIMIZER: optimizer_tensors} if optimizer_tensors else {})})
+        if mmap and _can_map(model, strategy.device):
+            optimizer_tensors = _map_into_place(snapshot, model, restore)
+        else:
+            _allocate(model, strategy.device)
+            optimizer_tensors = _optimizer_state_memory(snapshot, model, strategy.device) if restore else {}
+            _read_into_place(snapshot, {WEIGHTS: {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()},
+                                       **({OPTIMIZER: optimizer_tensors} if optimizer_tensors else {})})
         snapshot.verify_remaining()
     model.input_spec = specs
     model.runtime.strategy = strategy if has_strategy() else None
@@ -333,16 +342,39 @@ def _adopt_stored_dtypes(model: nn.Module, stored: dict[str, TensorEntry], sourc
                             + ". The artifact is damaged or was edited; re-save the model.")
 
 
-def _allocate(model: nn.Module, device: torch.device) -> None:
-    """Give the meta model real (uninitialised) memory on ``device``, keeping tied weights tied."""
+def _allocate(model: nn.Module, device: torch.device,
+              stored: dict[str, torch.Tensor] | None = None) -> None:
+    """Give the meta model real memory: ``stored`` tensors (by state-dict name) where given,
+    else uninitialised memory on ``device``; tied weights stay tied."""
     ties = _tied_parameters(model)
     persistent = set(model.state_dict())
     transient = [n for n, _ in model.named_buffers() if n not in persistent]
     if transient:
         raise ArtifactError(f"The architecture holds buffers that are not saved ({transient[:3]}); "
                             "their values cannot be restored without running its constructor for real.")
-    model._apply(lambda t: _empty_on(t, device))
+    # ``_apply`` hands over each parameter and buffer object, not its name: find it by identity.
+    stored = stored or {}
+    by_identity = {id(t): stored[name] for name, t in model.state_dict(keep_vars=True).items() if name in stored}
+    model._apply(lambda t: by_identity[id(t)] if id(t) in by_identity else _empty_on(t, device))
     _tie(model, ties)
+
+
+def _can_map(model: nn.Module, device: torch.device) -> bool:
+    """Whether the tensors can live on a mapping of the files: a CPU load of whole tensors laid
+    out as stored (contiguous)."""
+    tensors = model.state_dict(keep_vars=True).values()
+    return device.type == "cpu" and all(not is_dtensor(t) and t.is_contiguous() for t in tensors)
+
+
+def _map_into_place(snapshot: Snapshot, model: Model, restore: bool) -> dict[str, torch.Tensor]:
+    """Give the meta model the files' tensors, mapped (`Snapshot.map_tensors`); the optimizer's
+    stored tensors, mapped too when ``restore``, after checking them against the parameters."""
+    restore = restore and (snapshot.has(single_file(OPTIMIZER)) or snapshot.has(index_file(OPTIMIZER)))
+    if restore:
+        _optimizer_state_memory(snapshot, model, torch.device("meta"))  # checks names and shapes only
+    mapped = snapshot.map_tensors([WEIGHTS, OPTIMIZER] if restore else [WEIGHTS])
+    _allocate(model, torch.device("cpu"), mapped[WEIGHTS])
+    return mapped.get(OPTIMIZER, {})
 
 
 def _empty_on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -25,6 +25,7 @@ from .checksum import for_version
 from .errors import ArtifactError
 from .format import (MANIFEST, MAX_INDEX_BYTES, MAX_JSON_DEPTH, MAX_MANIFEST_BYTES, check_format,
                      chunk_starts, index_file, shard_file, single_file, validate_manifest)
+from .mapped import map_files
 from .tensor_io import TensorEntry, TensorFile, parse_header, read_files
 
 __all__ = ["Snapshot", "parse_json", "canonical_manifest_bytes"]
@@ -280,6 +281,27 @@ class Snapshot:
             if bad:
                 raise self._changed(name, bad)
         done.update(names)
+
+    def map_tensors(self, stems: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Every tensor stored under each stem, on the CPU, backed by a private mapping of its
+        file (`mapped.map_files`), every chunk of every file checked first."""
+        names = {stem: self._files_of(stem) for stem in stems}
+        jobs = [(self._headers[name], *self._digests(name)) for stem in stems for name in names[stem]]
+        results = iter(map_files(jobs, self.checksum))
+        mapped: dict[str, dict[str, torch.Tensor]] = {}
+        for stem in stems:
+            mapped[stem] = {}
+            for name in names[stem]:
+                tensors, bad = next(results)
+                if bad:
+                    raise self._changed(name, bad)
+                mapped[stem].update(tensors)
+        self._verified.update(name for stem in stems for name in names[stem])
+        return mapped
+
+    def _files_of(self, stem: str) -> list[str]:
+        self.tensor_files(stem)
+        return self._stems[stem][0]
 
     def allocate_and_read(self, stem: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Every tensor under ``stem``, freshly allocated (sizes bounded by the files) and read."""
