@@ -23,7 +23,7 @@ import torch
 
 from .checksum import Checksum
 from .format import TENSOR_ALIGNMENT
-from .tensor_io import TensorFile, run_parallel
+from .tensor_io import TensorFile, in_turn, run_parallel
 
 __all__ = ["map_files"]
 
@@ -41,7 +41,7 @@ def map_files(files: list[tuple[TensorFile, list[str], list[int]]],
     for mapping in maps:
         if hasattr(mmap, "MADV_WILLNEED"):
             mapping.madvise(mmap.MADV_WILLNEED)  # start reading ahead of the hashing threads
-    jobs = [(index, chunk) for index, (_, digests, starts) in enumerate(files) for chunk in range(len(starts))]
+    jobs = in_turn([[(index, chunk) for chunk in range(len(starts))] for index, (_, _, starts) in enumerate(files)])
 
     def check_chunk(job: tuple[int, int]) -> bool:
         index, chunk = job

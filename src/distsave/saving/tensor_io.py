@@ -34,7 +34,7 @@ from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
-           "flat_bytes", "layout", "parse_header", "read_files", "run_parallel",
+           "flat_bytes", "in_turn", "layout", "parse_header", "read_files", "run_parallel",
            "write_pieces", "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -267,14 +267,14 @@ def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
 
     per_file = [[(index, fd, segment) for segment in _segments(pieces, HASH_CHUNK_BYTES)]
                 for index, (fd, pieces) in enumerate(files)]
-    jobs = _in_turn(per_file)
+    jobs = in_turn(per_file)
     written: list[list[Segment]] = [[] for _ in files]
     for (index, _, _), segment in zip(jobs, run_parallel(write_segment, jobs)):
         written[index].append(segment)
     return written
 
 
-def _in_turn(per_file: list[list[Any]]) -> list[Any]:
+def in_turn(per_file: list[list[Any]]) -> list[Any]:
     """Every file's jobs, taken one file after another (first of each, second of each, ...), so
     a pool of threads works on all files at once."""
     return [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
@@ -546,7 +546,7 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
             pool.give(staging)
         return chunk < len(digests) and digest.hexdigest() == digests[chunk]
 
-    jobs = _in_turn(per_file)
+    jobs = in_turn(per_file)
     try:
         results = run_parallel(read_chunk, jobs)
     finally:
