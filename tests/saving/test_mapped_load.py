@@ -117,3 +117,14 @@ def test_the_header_is_checked_as_it_was_parsed_not_as_the_file_holds_it_later(t
             f.write(original)
         with pytest.raises(ArtifactError, match=f"{WEIGHTS}.safetensors: content changed"):
             snapshot.map_tensors([WEIGHTS])
+
+
+def test_a_file_cut_short_after_it_was_opened_is_refused_by_name(tmp_path):
+    trained_model().save(tmp_path / "m")
+    weights = tmp_path / "m" / f"{WEIGHTS}.safetensors"
+    with Snapshot.open(tmp_path / "m") as snapshot:
+        snapshot.tensor_files(WEIGHTS)
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size - 100)
+        with pytest.raises(ArtifactError, match=f"{WEIGHTS}.safetensors changed while it was read"):
+            snapshot.map_tensors([WEIGHTS])

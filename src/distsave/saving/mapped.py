@@ -22,6 +22,7 @@ import mmap
 import torch
 
 from .checksum import Checksum
+from .errors import ArtifactError
 from .format import TENSOR_ALIGNMENT
 from .tensor_io import TensorFile, in_turn, run_parallel
 
@@ -37,7 +38,7 @@ def map_files(files: list[tuple[TensorFile, list[str], list[int]]],
         For each file: its tensors by name (empty when a chunk failed) and the indices of the
         chunks whose ``checksum`` differs from the digests.
     """
-    maps = [mmap.mmap(file.fd, file.size, access=mmap.ACCESS_COPY) for file, _, _ in files]
+    maps = [_map(file) for file, _, _ in files]
     for mapping in maps:
         if hasattr(mmap, "MADV_WILLNEED"):
             mapping.madvise(mmap.MADV_WILLNEED)  # start reading ahead of the hashing threads
@@ -62,6 +63,14 @@ def map_files(files: list[tuple[TensorFile, list[str], list[int]]],
             bad[index].append(chunk)
     return [({} if failed else _tensors(file, mapping), failed)
             for (file, _, _), mapping, failed in zip(files, maps, bad)]
+
+
+def _map(file: TensorFile) -> mmap.mmap:
+    try:
+        return mmap.mmap(file.fd, file.size, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as error:  # ValueError: the file is shorter than when opened
+        raise ArtifactError(f"{file.name} changed while it was read ({error}). Load again once no one "
+                            "writes the artifact.") from None
 
 
 def _tensors(file: TensorFile, mapping: mmap.mmap) -> dict[str, torch.Tensor]:
