@@ -236,12 +236,12 @@ def chunk_starts(size: int, starts: list[int] | None = None) -> list[int]:
 
 
 def _validate_files(s: _Schema, files: Any, version: int) -> None:
+    checksum = for_version(version)
     for name, entry in s.dict(files, "files").items():
         if not is_known_file(name):
             s.fail(f"files.{name}", "a file distsave writes (only safetensors and JSON, by known names)", name)
         entry = s.dict(entry, f"files.{name}")
         size = s.count(entry.get("bytes"), f"files.{name}.bytes")
-        checksum = for_version(version)
         digests = entry.get(checksum.field)
         if version == 1:
             digests = [digests]

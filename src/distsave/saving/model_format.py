@@ -369,10 +369,8 @@ def _can_map(model: nn.Module, device: torch.device) -> bool:
 def _map_into_place(snapshot: Snapshot, model: Model, restore: bool) -> dict[str, torch.Tensor]:
     """Give the meta model the files' tensors, mapped (`Snapshot.map_tensors`); the optimizer's
     stored tensors, mapped too when ``restore``, after checking them against the parameters."""
-    restore = restore and (snapshot.has(single_file(OPTIMIZER)) or snapshot.has(index_file(OPTIMIZER)))
-    if restore:
-        _optimizer_state_memory(snapshot, model, torch.device("meta"))  # checks names and shapes only
-    mapped = snapshot.map_tensors([WEIGHTS, OPTIMIZER] if restore else [WEIGHTS])
+    stored = _checked_optimizer_state(snapshot, model) if restore else None
+    mapped = snapshot.map_tensors([WEIGHTS] if stored is None else [WEIGHTS, OPTIMIZER])
     _allocate(model, torch.device("cpu"), mapped[WEIGHTS])
     return mapped.get(OPTIMIZER, {})
 
@@ -412,8 +410,18 @@ def _read_into_place(snapshot: Snapshot, destinations: dict[str, dict[str, torch
 
 def _optimizer_state_memory(snapshot: Snapshot, model: Model, device: torch.device) -> dict[str, torch.Tensor]:
     """Memory for the stored optimizer state tensors, each checked against its parameter first."""
-    if not (snapshot.has(single_file(OPTIMIZER)) or snapshot.has(index_file(OPTIMIZER))):
+    stored = _checked_optimizer_state(snapshot, model)
+    if stored is None:
         return {}
+    params = dict(model.named_parameters())
+    return {key: _like_parameter(entry, params[key.rpartition("/")[0]], device) for key, entry in stored.items()}
+
+
+def _checked_optimizer_state(snapshot: Snapshot, model: Model) -> dict[str, TensorEntry] | None:
+    """The stored optimizer state tensors (None without an optimizer file), each named after a
+    parameter of ``model`` and shaped like it (or a scalar)."""
+    if not (snapshot.has(single_file(OPTIMIZER)) or snapshot.has(index_file(OPTIMIZER))):
+        return None
     stored = snapshot.tensor_files(OPTIMIZER)
     params = dict(model.named_parameters())
     problems = []
@@ -427,7 +435,7 @@ def _optimizer_state_memory(snapshot: Snapshot, model: Model, device: torch.devi
     if problems:
         raise ArtifactError(f"Optimizer state in {snapshot.root / single_file(OPTIMIZER)} does not fit the "
                             "model: " + "; ".join(problems[:10]) + ". Re-save the model.")
-    return {key: _like_parameter(entry, params[key.rpartition("/")[0]], device) for key, entry in stored.items()}
+    return stored
 
 
 def _like_parameter(entry: TensorEntry, param: torch.Tensor, device: torch.device) -> torch.Tensor:
