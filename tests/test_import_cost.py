@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch._dynamo", "torch._export.serde.serialize", "torch._inductor", "torch.onnx")
 
 PROBE = """
@@ -54,10 +56,12 @@ def test_loading_a_program_needs_no_torch_serializer(tmp_path):
     assert _last_line_of(script) == "[]"
 
 
-def test_load_model_restores_the_optimizer_without_torch_dynamo_and_fit_still_works(tmp_path):
+@pytest.mark.parametrize("mmap", [True, False])
+def test_load_model_restores_the_optimizer_without_torch_dynamo_and_fit_still_works(tmp_path, mmap):
     """torch imports torch._dynamo (seconds) the first time a process builds an optimizer, and
-    sympy the first time it allocates like a meta tensor; load_model needs neither, and leaves
-    torch's methods as they were, so the first training step imports torch._dynamo as usual."""
+    sympy the first time it allocates like a meta tensor; load_model needs neither, mapped or
+    read into memory it allocates, and leaves torch's methods as they were, so the first
+    training step imports torch._dynamo as usual."""
     import torch
 
     import distsave
@@ -67,7 +71,7 @@ def test_load_model_restores_the_optimizer_without_torch_dynamo_and_fit_still_wo
     model.fit(torch.rand(8, 4), torch.rand(8, 2), epochs=1, verbose=0)
     model.save(tmp_path / "m")
     script = (f"import sys, torch, distsave\n"
-              f"model = distsave.load_model({str(tmp_path / 'm')!r})\n"
+              f"model = distsave.load_model({str(tmp_path / 'm')!r}, mmap={mmap})\n"
               f"assert len(model.optimizer.state) == 2 and 'torch._dynamo' not in sys.modules\n"
               f"assert 'sympy' not in sys.modules, 'allocating the meta model imported sympy'\n"
               f"plain = [getattr(torch.optim.Optimizer, n).__wrapped__ for n in "
