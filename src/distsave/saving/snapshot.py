@@ -243,8 +243,7 @@ class Snapshot:
 
     def file_of(self, stem: str, entry_name: str) -> str:
         """The file (single or shard) that holds tensor ``entry_name`` of ``stem``."""
-        self.tensor_files(stem)
-        return next(name for name in self._stems[stem][0] if entry_name in self._headers[name].entries)
+        return next(name for name in self._files_of(stem) if entry_name in self._headers[name].entries)
 
     def read_tensors(self, destinations: dict[str, dict[str, torch.Tensor]]) -> None:
         """Fill ``destinations`` (``stem -> name -> tensor``: every tensor stored under each
@@ -300,6 +299,7 @@ class Snapshot:
         return mapped
 
     def _files_of(self, stem: str) -> list[str]:
+        """The files (single or shards) of ``stem``, their headers parsed and checked."""
         self.tensor_files(stem)
         return self._stems[stem][0]
 
