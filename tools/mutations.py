@@ -243,6 +243,19 @@ MUTATIONS = [
              "    text += b\" \" * (-(len(text) + 8) % 8)",
              ("tests/saving/test_mapped_load.py::test_written_files_start_tensors_of_64_byte_multiples_on_64_byte_boundaries",
               "tests/saving/test_mapped_load.py::test_a_cpu_load_maps_aligned_tensors_and_copies_the_rest_to_aligned_memory")),
+    Mutation("program-device-from-input", "a program makes its tensors on its input's device, not the export's",
+             "src/distsave/saving/program_graph.py", "        if self.first_input is None:",
+             "        if True:",
+             ("tests/saving/test_saved_model.py::test_a_program_makes_its_tensors_where_its_inputs_are",
+              "tests/saving/test_layer_round_trips.py::test_family_round_trips_through_load_model")),
+    Mutation("recurrent-arguments", "RNN/LSTM/GRU record their constructor arguments",
+             "src/distsave/saving/architecture.py", "    if cls in (nn.RNN, nn.LSTM, nn.GRU):", "    if False:",
+             ("tests/saving/test_layer_round_trips.py::test_family_round_trips_through_load_model",)),
+    Mutation("undecomposed-ops-allowed", "programs may call adaptive max pooling",
+             "src/distsave/saving/program_schema.py",
+             '_UNDECOMPOSED_OPS = frozenset({"adaptive_max_pool2d.default", "adaptive_max_pool3d.default"})',
+             "_UNDECOMPOSED_OPS = frozenset()",
+             ("tests/saving/test_layer_round_trips.py::test_family_round_trips_through_load_model",)),
 ]
 
 

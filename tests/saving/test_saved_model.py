@@ -102,6 +102,34 @@ def test_mixed_api_model_save_then_saved_model_load(trained, tmp_path, small_tes
     assert torch.equal(loaded.signatures["serving_default"](images)["output_0"], expected)
 
 
+@distsave.register_serializable(package="tests")
+class AddsPositions(nn.Module):
+    """Makes a tensor where its input is, as positional encodings and an RNN's first state do."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.linear(x) + torch.arange(self.width, dtype=x.dtype, device=x.device)
+
+
+def test_a_program_makes_its_tensors_where_its_inputs_are(tmp_path):
+    model = distsave.Sequential([AddsPositions(4)], input_spec=distsave.TensorSpec((None, 4)))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = model(x)
+    model.save(tmp_path / "m")  # the program is exported from the rebuild on `meta`
+    distsave.saved_model.save(model, tmp_path / "sm")  # exported on the CPU
+    for name in ("m", "sm"):
+        (served,) = distsave.saved_model.load(tmp_path / name).signatures["serving_default"](x).values()
+        assert torch.equal(served, expected), name
+    moved = distsave.saved_model.load(tmp_path / "sm").to("meta")  # another device than the export's
+    (served,) = moved.signatures["serving_default"](x.to("meta")).values()
+    assert served.device.type == "meta" and served.shape == (3, 4)
+
+
 def test_export_failure_is_a_save_error_and_writes_nothing(tmp_path):
     class DataDependent(nn.Module):
         def forward(self, x):

@@ -71,9 +71,23 @@ def from_json_value(value: Any, where: str) -> Any:
     return value
 
 
+def _constructor_parameters(cls: type[nn.Module]) -> list[inspect.Parameter]:
+    """The named constructor arguments of an allowed layer class. The recurrent layers take
+    ``*args, **kwargs`` and hand them to ``nn.RNNBase``, which the class gives its ``mode``;
+    ``proj_size`` is LSTM's alone and ``nonlinearity`` RNN's alone."""
+    if cls in (nn.RNN, nn.LSTM, nn.GRU):
+        base = inspect.signature(nn.RNNBase.__init__).parameters.values()
+        own = [p for p in base if p.name != "mode" and (p.name != "proj_size" or cls is nn.LSTM)]
+        if cls is nn.RNN:
+            own.append(inspect.Parameter("nonlinearity", inspect.Parameter.KEYWORD_ONLY, default="tanh"))
+        return own
+    return list(inspect.signature(cls.__init__).parameters.values())
+
+
 def _builtin_config(module: nn.Module, where: str) -> dict[str, Any]:
     config = {}
-    for name, param in inspect.signature(built_class(module).__init__).parameters.items():
+    for param in _constructor_parameters(built_class(module)):
+        name = param.name
         if name in _SKIPPED_ARGS or name.startswith("_") or param.kind in (param.VAR_POSITIONAL,
                                                                            param.VAR_KEYWORD):
             continue

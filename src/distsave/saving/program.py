@@ -84,6 +84,12 @@ def _strip(program: dict[str, Any]) -> dict[str, Any]:
     return program
 
 
+# nn.RNN/LSTM/GRU re-list their own parameters in ``_flat_weights`` when export swaps them for
+# traced ones; the program still takes them as parameters. Other attributes still warn.
+_RNN_WEIGHTS_REASSIGNED = (r"The tensor attributes [\w.]+\._flat_weights\[\d+\](, [\w.]+\._flat_weights\[\d+\])* "
+                           r"were assigned during export")
+
+
 def export_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
                    dynamic_shapes: tuple[dict[int, Any], ...],
                    where: str) -> tuple[dict[str, Any], list[str], dict[str, torch.Tensor]]:
@@ -100,6 +106,7 @@ def export_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices
+            warnings.filterwarnings("ignore", _RNN_WEIGHTS_REASSIGNED, UserWarning)
             exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes)
             exported = exported.run_decompositions()
     except Exception as error:  # export's many failure types all mean "cannot record a program"

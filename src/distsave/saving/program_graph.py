@@ -6,8 +6,8 @@ that torch.fx generates and executes. Here a program only needs to run: names fr
 are dictionary keys that link values, never code. Inputs are named ``input_<i>``, nodes take
 names torch.fx derives from their operator, and the only text from the file in the generated
 source is state paths (checked dotted names, ``0.weight``), which torch.fx needs to fetch
-parameters. Operators come from the allowlist; argument values become Python objects
-(ints, dtypes, devices) that torch.fx writes with ``repr``.
+parameters. Operators come from the allowlist; argument values become Python objects (ints,
+dtypes) that torch.fx writes with ``repr``, and devices the device of the program's first input.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class _GraphBuilder:
         self.graph = fx.Graph()
         self.values: dict[str, Any] = {}
         self.state_nodes: dict[str, fx.Node] = {}
+        self.first_input: fx.Node | None = None
+        self.input_device: fx.Node | None = None
 
     def define(self, name: str, value: Any, field: str) -> None:
         if name in self.values:
@@ -121,11 +123,23 @@ class _GraphBuilder:
         if kind == "as_layout":
             return self.enum(LAYOUTS, body, field)
         if kind == "as_device":
-            try:
-                return torch.device(body["type"], body.get("index"))
-            except RuntimeError as error:
-                raise _Broken(f"{field}: {error}") from None
+            return self.device(body, field)
         raise _Broken(f"{field}: unsupported argument")
+
+    def device(self, body: dict[str, Any], field: str) -> torch.device | fx.Node:
+        """Where the program runs: the device of its first input. A graph records the device it
+        was exported on (the CPU, or ``meta`` for the rebuild that ``model.save`` exports), in
+        every tensor it creates (``torch.arange(n, device=x.device)``, an RNN's first state);
+        it runs where its inputs are, as its source does, once that is read from the input."""
+        try:
+            recorded = torch.device(body["type"], body.get("index"))
+        except RuntimeError as error:
+            raise _Broken(f"{field}: {error}") from None
+        if self.first_input is None:
+            return recorded
+        if self.input_device is None:
+            self.input_device = self.graph.call_function(getattr, (self.first_input, "device"))
+        return self.input_device
 
     def scalar_or_name(self, union: dict[str, Any], field: str) -> Any:
         kind, body = _only(union)
@@ -179,6 +193,8 @@ class _GraphBuilder:
                 raise _Broken(f"{field}: does not match graph input {i} (signatures take tensors)")
             if kind == "user_input":
                 node = self.graph.placeholder(f"input_{user_inputs}")
+                if self.first_input is None:
+                    self.first_input = node
                 user_inputs += 1
             else:
                 path = body[_STATE_KEYS[kind]]

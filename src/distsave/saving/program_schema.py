@@ -49,6 +49,9 @@ _SHAPE_OPS = frozenset({
     "_assert_scalar.default", "_assert_tensor_metadata.default", "sym_constrain_range.default",
     "sym_constrain_range_for_size.default", "view.default", "alias.default",
 })
+# ATen operators outside the core set that the core decomposition keeps, having none of its own
+# (AdaptiveMaxPool1d/2d/3d): pure functions of their tensors, like the core ones.
+_UNDECOMPOSED_OPS = frozenset({"adaptive_max_pool2d.default", "adaptive_max_pool3d.default"})
 _ATEN = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)")
 _SYMPY_NAMES = frozenset({
     "FloorDiv", "Mod", "PythonMod", "CleanDiv", "CeilDiv", "Max", "Min", "ModularIndexing", "Where",
@@ -71,7 +74,8 @@ _INT64 = (-2**63, 2**63)
 
 @functools.cache
 def resolve_operator(target: str) -> Any:
-    """The callable for an allowed operator name (core ATen, shape ops, shape builtins), or None."""
+    """The callable for an allowed operator name (core ATen, shape ops, shape builtins, the few
+    operators the core decomposition keeps), or None."""
     if target in BUILTIN_OPERATORS:
         return BUILTIN_OPERATORS[target]
     match = _ATEN.fullmatch(target)
@@ -82,7 +86,7 @@ def resolve_operator(target: str) -> Any:
     op = getattr(packet, overload, None) if packet is not None else None
     if not isinstance(op, torch._ops.OpOverload):
         return None
-    if f"{name}.{overload}" in _SHAPE_OPS or torch.Tag.core in op.tags:
+    if f"{name}.{overload}" in _SHAPE_OPS | _UNDECOMPOSED_OPS or torch.Tag.core in op.tags:
         return op
     return None
 
