@@ -4,6 +4,8 @@ called without an active exception", about 1 run in 20 on a busy 2-core machine 
 in `strategies/mirrored.py::_settle`)."""
 
 import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -12,17 +14,21 @@ from tests.conftest import run_script
 
 import distsave
 
-# Each run is three fresh processes (~8 s here): 10 runs catch a 1-in-20 abort in about 2 of 3
-# suite runs, at half the time of 20 (CI aims for a suite under 10 minutes).
+# Each run is three fresh processes (~6 s here, mostly waiting: imports, rendezvous, fsync), so
+# two run at once, which also keeps the machine busy, as the abort needs. 10 runs catch a
+# 1-in-20 abort in 2 suite runs of 5 (1 - 0.95**10); CI aims for a suite under 10 minutes.
 RUNS = 10
 
 
 def test_ten_two_replica_saves_all_exit_cleanly(tmp_path):
-    failures = []
-    for run in range(RUNS):
-        result = run_script("replicas_save.py", str(tmp_path / f"m{run}"), timeout=300, check=False)
-        if result.returncode != 0 or "terminate called" in result.stderr:
-            failures.append(f"run {run}: exit {result.returncode}: {result.stderr[-500:]}")
+    def run(index: int) -> subprocess.CompletedProcess:
+        return run_script("replicas_save.py", str(tmp_path / f"m{index}"), timeout=300, check=False)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, range(RUNS)))
+    failures = [f"run {index}: exit {result.returncode}: {result.stderr[-500:]}"
+                for index, result in enumerate(results)
+                if result.returncode != 0 or "terminate called" in result.stderr]
     assert not failures, f"{len(failures)} of {RUNS} runs did not exit cleanly:\n" + "\n".join(failures)
     assert distsave.load_model(tmp_path / f"m{RUNS - 1}").inputs[0].shape == (None, 4)
 
