@@ -6,6 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import assert_every_weight_moved, cnn_model, read_reports, run_python, run_script, scale, state_of
+from tests.saving.test_layer_round_trips import LastStep
+from tests.saving.test_saved_model import AddsPositions
 
 import distsave
 from distsave.demo import workflow_cnn
@@ -92,6 +94,22 @@ def test_loaded_signature_runs_on_the_gpu_under_a_strategy(tmp_path):
     assert out.device.type == "cuda"
     with torch.no_grad():
         torch.testing.assert_close(out.cpu(), trained(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_program_that_makes_tensors_runs_on_the_gpu(tmp_path):
+    torch.manual_seed(0)
+    model = distsave.Sequential([AddsPositions(6), torch.nn.Unflatten(1, (2, 3)),
+                                 LastStep(torch.nn.LSTM(3, 4, batch_first=True))],
+                                input_spec=distsave.TensorSpec((None, 6)))
+    model.save(tmp_path / "m")  # the program is exported from the rebuild on `meta`
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        expected = model(x)
+    with distsave.OneDeviceStrategy("cuda:0").scope():
+        loaded = distsave.saved_model.load(tmp_path / "m")
+    out = loaded.signatures["serving_default"](x)["output_0"]
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture
