@@ -293,8 +293,8 @@ class _GraphBuilder:
 
 def _graph_size(graph: dict[str, Any]) -> int:
     """At least the number of nodes the built graph will have: inputs and state, calls, their
-    output items, buffer updates and the output node."""
-    size = len(graph["inputs"]) + len(graph["outputs"]) + 1
+    output items, buffer updates, the output node and the input's device."""
+    size = len(graph["inputs"]) + len(graph["outputs"]) + 2
     for node in graph["nodes"]:
         outputs = node["outputs"]
         lists = sum(len(o["as_tensors"]) for o in outputs if isinstance(o.get("as_tensors"), list))
