@@ -127,10 +127,11 @@ class _GraphBuilder:
         raise _Broken(f"{field}: unsupported argument")
 
     def device(self, body: dict[str, Any], field: str) -> torch.device | fx.Node:
-        """Where the program runs: the device of its first input. A graph records the device it
-        was exported on (the CPU, or ``meta`` for the rebuild that ``model.save`` exports), in
-        every tensor it creates (``torch.arange(n, device=x.device)``, an RNN's first state);
-        it runs where its inputs are, as its source does, once that is read from the input."""
+        """The device of the program's first input, where the file names a device. The file
+        records the device the program was exported on (the CPU, or ``meta`` for the rebuild
+        that ``model.save`` exports) for each tensor the graph creates (``torch.arange(n,
+        device=x.device)``, an RNN's first state); read from the input instead, the program runs
+        wherever it is moved, as its source does. A malformed device is still refused."""
         try:
             recorded = torch.device(body["type"], body.get("index"))
         except RuntimeError as error:
