@@ -24,7 +24,7 @@ import torch
 from .checksum import Checksum
 from .errors import ArtifactError
 from .format import TENSOR_ALIGNMENT
-from .tensor_io import TensorFile, in_turn, run_parallel
+from .tensor_io import TensorFile, failed_chunks, in_turn, run_parallel
 
 __all__ = ["map_files"]
 
@@ -56,11 +56,7 @@ def map_files(files: list[tuple[TensorFile, list[str], list[int]]],
         digest.update(memoryview(maps[index])[max(start, header):end])
         return chunk < len(digests) and digest.hexdigest() == digests[chunk]
 
-    results = run_parallel(check_chunk, jobs)
-    bad: list[list[int]] = [[] for _ in files]
-    for (index, chunk), ok in zip(jobs, results):
-        if not ok:
-            bad[index].append(chunk)
+    bad = failed_chunks(len(files), jobs, run_parallel(check_chunk, jobs))
     return [({} if failed else _tensors(file, mapping), failed)
             for (file, _, _), mapping, failed in zip(files, maps, bad)]
 

@@ -34,7 +34,7 @@ from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
-           "flat_bytes", "in_turn", "layout", "parse_header", "read_files", "run_parallel",
+           "failed_chunks", "flat_bytes", "in_turn", "layout", "parse_header", "read_files", "run_parallel",
            "write_pieces", "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -553,11 +553,17 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
         for fd in direct:
             if fd is not None:
                 os.close(fd)
-    bad: list[list[int]] = [[] for _ in files]
-    for (index, chunk, _), ok in zip(jobs, results):
+    return failed_chunks(len(files), jobs, results)
+
+
+def failed_chunks(files: int, jobs: list[tuple], passed: list[bool]) -> list[list[int]]:
+    """For each of ``files`` files, the indices of its chunks whose check did not pass; each
+    job starts ``(file index, chunk index, ...)`` and ``passed`` holds its check's outcome."""
+    failed: list[list[int]] = [[] for _ in range(files)]
+    for (index, chunk, *_), ok in zip(jobs, passed):
         if not ok:
-            bad[index].append(chunk)
-    return bad
+            failed[index].append(chunk)
+    return failed
 
 
 _DIRECT_ALIGNMENT = 4096  # offsets and lengths of O_DIRECT reads: a page (a multiple of any block)
