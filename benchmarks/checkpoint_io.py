@@ -17,8 +17,10 @@ Ways: ceiling (4 writer threads from pinned memory + fsync / 4 reader threads), 
 (torch.save / torch.load(mmap=True)), safetensors (save_file / load_file(device=)), dcp
 (torch.distributed.checkpoint, one process), fastsafetensors and runai (load only, from the
 safetensors file; n/a where not installed), distsave (model.save / load_model under
-OneDeviceStrategy), distsave-async (model.save(blocking=False) + wait_for_saves(); n/a until
-the API exists).
+OneDeviceStrategy; its program cache starts empty, so the first repeat exports the serving
+program and later ones read it), distsave-first (model.save with the program cache off: every
+save exports, as the first save of an architecture on a machine does), distsave-async
+(model.save(blocking=False) + wait_for_saves(); n/a until the API exists).
 """
 
 from __future__ import annotations
@@ -42,16 +44,18 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 STEP_SCRIPT = HERE / "checkpoint_io_ways.py"
-WAYS = ("ceiling", "torch", "safetensors", "fastsafetensors", "runai", "dcp", "distsave", "distsave-async")
+WAYS = ("ceiling", "torch", "safetensors", "fastsafetensors", "runai", "dcp", "distsave", "distsave-first",
+        "distsave-async")
 OPS = {"ceiling": ("save", "load"), "torch": ("save", "load"), "safetensors": ("save", "load"),
        "fastsafetensors": ("load",), "runai": ("load",), "dcp": ("save", "load"),
-       "distsave": ("save", "load"), "distsave-async": ("save",)}
+       "distsave": ("save", "load"), "distsave-first": ("save",), "distsave-async": ("save",)}
 READS_FROM = {"fastsafetensors": "safetensors", "runai": "safetensors"}
 PEERS = ("torch", "safetensors", "fastsafetensors", "runai", "dcp")
 LABELS = {"ceiling": "disk ceiling (4 threads + fsync / 4 readers)",
           "torch": "torch.save / torch.load(mmap=True)", "safetensors": "safetensors save_file / load_file",
           "dcp": "DCP, one process", "fastsafetensors": "fastsafetensors (load only)",
           "runai": "Run:ai model streamer (load only)", "distsave": "**distsave save / load_model**",
+          "distsave-first": "**distsave save, program cache off**",
           "distsave-async": "**distsave save(blocking=False)**"}
 STEP_TIMEOUT_S = 3600
 
@@ -173,6 +177,15 @@ def run_header(args: argparse.Namespace, folder: Path, cache: str, cudart: str) 
 
 
 # -- running the steps --------------------------------------------------------------------------
+def program_cache_env(way: str, folder: Path) -> dict[str, str]:
+    """distsave's program cache lives in the run's folder (emptied when the run starts, so a
+    run's first save exports); distsave-first turns it off: every save exports, as a process's
+    first save of an architecture never saved on the machine does."""
+    if way == "distsave-first":
+        return {**os.environ, "DISTSAVE_PROGRAM_CACHE": "0"}
+    return {**os.environ, "DISTSAVE_CACHE_DIR": str(folder / "program-cache")}
+
+
 def run_step(way: str, op: str, args: argparse.Namespace, folder: Path, cache: str) -> dict[str, Any]:
     """One save or load in a fresh process; its measurements, or why it did not run."""
     source = folder / READS_FROM.get(way, way)
@@ -185,7 +198,7 @@ def run_step(way: str, op: str, args: argparse.Namespace, folder: Path, cache: s
             "cache": cache, "result": str(result_path)}
     try:
         done = subprocess.run([sys.executable, str(STEP_SCRIPT), json.dumps(task)], capture_output=True,
-                              text=True, timeout=STEP_TIMEOUT_S)
+                              text=True, timeout=STEP_TIMEOUT_S, env=program_cache_env(way, folder))
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {STEP_TIMEOUT_S} s"}
     if done.returncode != 0 or not result_path.exists():
@@ -203,6 +216,7 @@ def run_all(args: argparse.Namespace, folder: Path, cache: str, log, records: li
     # them would otherwise spend seconds compiling them inside its timed save.
     subprocess.run([sys.executable, "-c", "import distsave, torch.export, torch._export.serde.serialize"],
                    check=False, capture_output=True)
+    shutil.rmtree(folder / "program-cache", ignore_errors=True)
     for repeat in range(args.repeats):
         for position, way in enumerate(selected):
             source = READS_FROM.get(way)
@@ -296,6 +310,9 @@ def table(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
         notes = [f"{s['status']}: {s['reason']}" for (w, _), s in summary.items() if w == way and s["status"] != "ok"]
         if load.get("status") == "ok":
             notes.append("loads verified" if load["verified"] else "**LOADED WRONG TENSORS**")
+        hits = [r.get("program_cache") for r in records if (r["way"], r["op"]) == (way, "save") and r["status"] == "ok"]
+        if way.startswith("distsave") and hits:
+            notes.append(f"program from the cache in {hits.count('hit')} of {len(hits)} saves")
         blocked = summary.get((way, "save"), {}).get("blocked_s")
         if blocked is not None:
             first = summary[way, "save"]["first_blocked_s"]

@@ -335,7 +335,7 @@ def load_distsave(folder: Path, device: str, layout: Layout) -> Callable[[], Ten
 
 SAVES: dict[str, Callable[[distsave.Model, Path], Callable[[], Any]]] = {
     "ceiling": save_ceiling, "torch": save_torch, "safetensors": save_safetensors, "dcp": save_dcp,
-    "distsave": save_distsave, "distsave-async": save_distsave_async,
+    "distsave": save_distsave, "distsave-first": save_distsave, "distsave-async": save_distsave_async,
 }
 LOADS: dict[str, Callable[[Path, str, Layout], Callable[[], Tensors]]] = {
     "ceiling": load_ceiling, "torch": load_torch, "safetensors": load_safetensors, "dcp": load_dcp,
@@ -395,16 +395,25 @@ def _prepare(task: dict[str, Any]) -> tuple[Callable[[], Any], Layout]:
     return step, layout
 
 
+def program_cache_state() -> str:
+    """Whether this process's first distsave save finds its serving program in the cache."""
+    from distsave.saving.program_cache import cache_folder
+
+    folder = cache_folder()
+    return "off" if folder is None else ("hit" if any(folder.glob("*.json")) else "miss")
+
+
 def measure(task: dict[str, Any]) -> dict[str, Any]:
     """Run the task's step once and return what was measured."""
     device, folder = task["device"], Path(task["folder"])
+    cache = program_cache_state() if task["way"].startswith("distsave") and task["op"] == "save" else None
     step, layout = _prepare(task)
     gc.collect()
     os.sync()  # earlier writes and deletions (discards) are flushed now, not inside the timing
     on_cuda = device.startswith("cuda")
     if on_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    result = {"peak_reset": _reset_peak_rss(), "rss_before": _status_bytes("VmRSS"),
+    result = {"program_cache": cache, "peak_reset": _reset_peak_rss(), "rss_before": _status_bytes("VmRSS"),
               "cuda_before": torch.cuda.memory_allocated(device) if on_cuda else 0}
     start = time.perf_counter()
     outcome = step()

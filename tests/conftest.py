@@ -26,6 +26,14 @@ def cpu_default_strategy(request, monkeypatch):
         monkeypatch.setattr(distsave.strategies.base, "_default", distsave.OneDeviceStrategy("cpu"))
 
 
+@pytest.fixture(autouse=True)
+def private_program_cache(tmp_path_factory, monkeypatch):
+    """Each test (and the processes it starts) gets an empty program cache of its own, never the
+    user's: a program another test exported must not stand in for an export a test checks."""
+    monkeypatch.setenv("DISTSAVE_CACHE_DIR", str(tmp_path_factory.mktemp("program-cache")))
+    monkeypatch.delenv("DISTSAVE_PROGRAM_CACHE", raising=False)
+
+
 def scale(image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return image.float() / 255, label
 

@@ -28,7 +28,7 @@ from .program import check_program
 from .registry import registered
 from .signatures import ExportedSignatures
 
-__all__ = ["HelperExport", "helper_modules", "main"]
+__all__ = ["HelperExport", "helper_modules", "main", "programs_from_reply"]
 
 _BUILT_IN = ("distsave.Sequential", "distsave.Model")
 _HELPER = f"from {__name__} import main; main()"
@@ -57,6 +57,29 @@ def helper_modules(architecture: dict[str, Any]) -> list[str] | None:
                 return None
             modules.add(cls.__module__)
     return sorted(modules)
+
+
+def programs_from_reply(reply: Any, source: str, fix: str = "export again") -> ExportedSignatures:
+    """The programs a reply holds (``{"programs": {name: [program, entry]}}``, as a helper sends
+    them and the program cache keeps them), each checked as a program read from a file would be.
+
+    Raises:
+        SaveError: the reply is malformed, names a program file other than its signature's, or
+            holds a program that `check_program` refuses (the message names ``source``).
+    """
+    try:
+        sent = {name: (program, entry) for name, (program, entry) in reply["programs"].items()}
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise SaveError(f"Refusing the programs from {source}: the reply is malformed; {fix}.") from None
+    for name, (program, entry) in sent.items():
+        if not isinstance(entry, dict) or entry.get("program") != signature_file(check_signature_name(name)):
+            raise SaveError(f"Refusing the programs from {source}: it named its file "
+                            f"{entry.get('program') if isinstance(entry, dict) else entry!r:.80}, "
+                            f"not {signature_file(name)!r}; {fix}.")
+        problems = check_program(program, f"signature {name!r} from {source}")
+        if problems:
+            raise SaveError("The exported program could not be loaded safely again: " + "; ".join(problems))
+    return ExportedSignatures({name: (program, entry, {}) for name, (program, entry) in sent.items()})
 
 
 class HelperExport:
@@ -92,20 +115,8 @@ class HelperExport:
                                 "Save again with blocking=True to export in this process.") from None
             if isinstance(reply, dict) and "error" in reply:
                 raise SaveError(str(reply["error"]))
-            try:
-                sent = {name: (program, entry) for name, (program, entry) in reply["programs"].items()}
-            except (TypeError, ValueError, KeyError, AttributeError):
-                raise SaveError(f"The helper process exporting {self.where}'s serving program sent a "
-                                "malformed reply; save again with blocking=True.") from None
-            for name, (program, entry) in sent.items():
-                if not isinstance(entry, dict) or entry.get("program") != signature_file(check_signature_name(name)):
-                    raise SaveError(f"The helper process exporting {self.where}'s serving program named "
-                                    f"its file {entry.get('program') if isinstance(entry, dict) else entry!r:.80}, "
-                                    f"not {signature_file(name)!r}; save again with blocking=True.")
-                problems = check_program(program, f"signature {name!r} from the export helper")
-                if problems:
-                    raise SaveError("The exported program could not be loaded safely again: " + "; ".join(problems))
-            self._exported = ExportedSignatures({name: (program, entry, {}) for name, (program, entry) in sent.items()})
+            self._exported = programs_from_reply(reply, f"the helper process exporting {self.where}'s serving program",
+                                                 "save again with blocking=True")
             self._arrived(self._exported)
         return self._exported
 

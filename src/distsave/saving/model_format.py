@@ -31,6 +31,7 @@ from .errors import ArtifactError, SaveError
 from .export_process import HelperExport, helper_modules
 from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single_file
 from .manifest import ArtifactWriter
+from .program_cache import read_programs, store_programs
 from .signatures import ExportedSignatures, export_signatures
 from .slices import is_dtensor, local_slice
 from .snapshot import Snapshot
@@ -97,7 +98,6 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     input_spec = [s.to_json() for s in model.input_spec]
     rebuilt = _check_rebuilds(architecture, model)
     strategy = model.distribute_strategy
-    export_key = json.dumps([architecture, input_spec])
     weights = model.state_dict()
     state_tensors, state_scalars = optimizer_state(model) if model.compiled else ({}, {})
     if not blocking and any(not local_slice(name, t)[2] for name, t in weights.items()):
@@ -109,7 +109,7 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     # saved, where a helper cannot rebuild the model).
     exported = None
     if strategy.is_chief and not blocking:
-        exported = _export_serving(model, rebuilt, export_key, (architecture, input_spec))
+        exported = _export_serving(model, rebuilt, architecture, input_spec, in_helper=True)
     content = {
         "kind": KIND_MODEL,
         "architecture": architecture,
@@ -128,7 +128,7 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
         tensor_sets, ready = stable_copies(model, tensor_sets)
 
     def write(writer: ArtifactWriter) -> dict[str, Any]:
-        signatures = exported or _export_serving(model, rebuilt, export_key)
+        signatures = exported or _export_serving(model, rebuilt, architecture, input_spec)
         return {**content, "signatures": signatures.write(writer)}
 
     if not blocking:
@@ -161,37 +161,49 @@ def _tie(model: nn.Module, groups: list[list[str]]) -> None:
 _SERVING_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _export_serving(model: Model, rebuilt: Model, key: str,
-                    helper_request: tuple[dict[str, Any], list[dict[str, Any]]] | None = None
+def _export_serving(model: Model, rebuilt: Model, architecture: dict[str, Any],
+                    input_spec: list[dict[str, Any]], *, in_helper: bool = False
                     ) -> ExportedSignatures | HelperExport:
     """The ``serving_default`` program, exported from the ``meta`` rebuild of the model (no
     copy of the weights anywhere, whatever device the model is on), or from the model itself
     when its code cannot run on ``meta``: it keeps tensors as plain attributes (which have no
     values there), or it reads tensor values.
 
-    With ``helper_request`` (architecture, input spec), a helper process exports the rebuild
-    where one can rebuild the model (`export_process`), and this returns at once."""
+    A program of built-in layers another process exported comes from the `program_cache`.
+    With ``in_helper``, a helper process exports the rebuild where one can rebuild the model
+    (`export_process`), and this returns at once."""
+    key = json.dumps([architecture, input_spec])
     cached = _SERVING_PROGRAMS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
+
+    def remember(exported: ExportedSignatures, from_rebuild: bool = True) -> None:
+        _SERVING_PROGRAMS[model] = (key, exported)
+        if from_rebuild:
+            store_programs(architecture, input_spec, exported)
+
     on_meta = not any(isinstance(value, torch.Tensor) for module in rebuilt.modules()
                       for value in vars(module).values())
-    modules = helper_modules(helper_request[0]) if on_meta and helper_request is not None else None
+    stored = read_programs(architecture, input_spec) if on_meta else None
+    if stored is not None:
+        remember(stored, from_rebuild=False)
+        return stored
+    modules = helper_modules(architecture) if on_meta and in_helper else None
     if modules is not None:
-        return HelperExport(*helper_request, modules, type(model).__name__,
-                            arrived=lambda exported: _SERVING_PROGRAMS.__setitem__(model, (key, exported)))
-    exported = None
+        return HelperExport(architecture, input_spec, modules, type(model).__name__, arrived=remember)
+    exported, from_rebuild = None, False
     if on_meta:
         try:
             exported = export_signatures(rebuilt, None, model.input_spec)
-            if any(t.device.type == "meta" for t in exported.constants.values()):
+            from_rebuild = not any(t.device.type == "meta" for t in exported.constants.values())
+            if not from_rebuild:
                 exported = None  # tensors held elsewhere than plain attributes (in a list, say)
         except (SaveError, RuntimeError, NotImplementedError):  # code that needs real values
             pass
     if exported is None:
         exported = export_signatures(model, None, model.input_spec)
     if not exported.constants:
-        _SERVING_PROGRAMS[model] = (key, exported)
+        remember(exported, from_rebuild)
     return exported
 
 
