@@ -78,9 +78,13 @@ def entry_path(architecture: dict[str, Any], input_spec: list[dict[str, Any]]) -
     folder = cache_folder()
     if folder is None:
         return None
+    try:
+        code = _distsave_code_digest()
+    except OSError:  # a package folder it cannot read: no key is sound
+        return None
     material = {"architecture": architecture, "input_spec": input_spec,
                 "default_dtype": str(torch.get_default_dtype()), "torch": torch.__version__,
-                "torch_git": torch.version.git_version, "distsave_code": _distsave_code_digest()}
+                "torch_git": getattr(torch.version, "git_version", None), "distsave_code": code}
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     return folder / f"{key}.json"
 
