@@ -53,8 +53,8 @@ def test_a_second_process_saving_the_same_architecture_reads_the_program(tmp_pat
     assert torch.equal(next(iter(served.values())), model.predict(x))
 
 
-def test_the_first_process_exports_in_a_real_second_process(tmp_path):
-    """The same across real processes: the second one's program is the first one's file."""
+def test_across_real_processes_the_second_save_reads_what_the_first_exported(tmp_path):
+    """The second process cannot export at all (export_program is None there)."""
     from tests.conftest import run_python
 
     code = ("import sys, distsave; from torch import nn; from distsave.saving import signatures;"
