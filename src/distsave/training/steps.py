@@ -120,13 +120,15 @@ class TrainStep:
 
 
 class CapturedTrainStep(TrainStep):
-    """The same step, captured as a CUDA graph after a few eager warm-up steps."""
+    """The same step, captured as a CUDA graph after a few eager warm-up steps; ``replays``
+    counts the steps run from the graph."""
 
     capture_error_mode = "global"  # torch.cuda.graph's: which threads' CUDA calls may break the capture
 
     def __init__(self, model: Model, module: nn.Module, strategy: Strategy, metrics: list[Metric]):
         super().__init__(model, module, strategy, metrics)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.replays = 0
         self.failed = False
         self.warmed = 0
         self.grads_to_none = False
@@ -143,8 +145,13 @@ class CapturedTrainStep(TrainStep):
                 state["step"] = state["step"].to(device)
 
     def end(self) -> None:
-        """Leave the optimizer as the plain path keeps it (so artifacts never say 'capturable')."""
+        """Leave the optimizer as the plain path keeps it (so artifacts never say 'capturable'),
+        and release the graph: its memory pool, and the NCCL kernels of a replica step, which
+        keep the process group from being destroyed at exit while they live (pytorch#115388)."""
         torch.cuda.synchronize(self.strategy.device)
+        if self.graph is not None:
+            self.graph.reset()
+            self.graph = self.static_x = self.static_y = None
         for group, flag in zip(self.model.optimizer.param_groups, self._capturable):
             if flag is not None:
                 group["capturable"] = flag
@@ -158,6 +165,7 @@ class CapturedTrainStep(TrainStep):
             self.static_x.copy_(x)
             self.static_y.copy_(y)
             self.graph.replay()
+            self.replays += 1
         elif self.failed or self.graph is not None or len(y) == 0:
             super().__call__(x, y, global_size)
         elif self.warmed < _WARMUP_STEPS:
@@ -183,6 +191,7 @@ class CapturedTrainStep(TrainStep):
             return
         self.graph = graph
         graph.replay()
+        self.replays += 1
 
 
 def _is_sharded(module: nn.Module) -> bool:
