@@ -190,28 +190,3 @@ def test_wrapped_module_and_nn_loss_object(tmp_path):
     restored = distsave.load_model(tmp_path / "m")
     assert restored.loss.module.label_smoothing == 0.1
     assert restored.optimizer.defaults["lr"] == 0.01
-
-
-def test_a_save_leaves_cuda_uninitialised(tmp_path, monkeypatch):
-    """A notebook's MirroredStrategy forks one process per GPU, which CUDA allows only while the
-    parent has not used it; so a save's export must not initialise CUDA (torch's decomposition
-    saves the CUDA random state wherever CUDA is available). Here CUDA looks available and
-    unused, and initialising it fails."""
-    def initialiser(what: str):
-        def initialise(*args, **kwargs):
-            raise AssertionError(f"the save initialised CUDA ({what})")
-        return initialise
-
-    from torch._dynamo import trace_rules
-
-    trace_rules.get_torch_obj_rule_map()  # torch.compile's table of torch's own functions, built before they are replaced
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", initialiser("get_rng_state"))
-    monkeypatch.setattr(torch.cuda, "_lazy_init", initialiser("_lazy_init"))
-    model = tiny_model(input_spec=distsave.TensorSpec((None, 1, 28, 28)))
-    model.save(tmp_path / "m")
-    assert torch.cuda.is_available()  # as it was, once the export is over
-    x = torch.rand(2, 1, 28, 28)
-    served = distsave.saved_model.load(tmp_path / "m").signatures["serving_default"](x)
-    assert torch.equal(next(iter(served.values())), model.predict(x))

@@ -11,11 +11,9 @@ deserializer and pickle are never used on artifact contents.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -92,26 +90,6 @@ _RNN_WEIGHTS_REASSIGNED = (r"The tensor attributes [\w.]+\._flat_weights\[\d+\](
                            r"were assigned during export")
 
 
-@contextlib.contextmanager
-def _cuda_left_alone() -> Iterator[None]:
-    """CUDA looks absent to an export in a process that has not used it yet.
-
-    ``run_decompositions`` saves and restores the CUDA random state (aot_autograd's
-    ``preserve_rng_state``), which initialises CUDA. Programs are exported on the CPU or
-    ``meta`` and need none of it. A process that has not touched a GPU yet (a notebook whose
-    MirroredStrategy forks one process per GPU) must stay able to fork GPU replicas after a save.
-    """
-    if torch.cuda.is_initialized() or not torch.cuda.is_available():
-        yield
-        return
-    available = torch.cuda.is_available
-    torch.cuda.is_available = lambda: False
-    try:
-        yield
-    finally:
-        torch.cuda.is_available = available
-
-
 def export_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
                    dynamic_shapes: tuple[dict[int, Any], ...],
                    where: str) -> tuple[dict[str, Any], list[str], dict[str, torch.Tensor]]:
@@ -126,7 +104,7 @@ def export_program(module: nn.Module, example_inputs: tuple[torch.Tensor, ...],
             that could not be loaded again.
     """
     try:
-        with warnings.catch_warnings(), _cuda_left_alone():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices
             warnings.filterwarnings("ignore", _RNN_WEIGHTS_REASSIGNED, UserWarning)
             exported = torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes)
