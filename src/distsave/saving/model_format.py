@@ -31,7 +31,7 @@ from .errors import ArtifactError, SaveError
 from .export_process import HelperExport, helper_modules
 from .format import KIND_MODEL, MANIFEST, OPTIMIZER, WEIGHTS, index_file, single_file
 from .manifest import ArtifactWriter
-from .program_cache import read_programs, store_programs
+from .program_cache import entry_path, read_programs, store_programs
 from .signatures import ExportedSignatures, export_signatures
 from .slices import is_dtensor, local_slice
 from .snapshot import Snapshot
@@ -177,14 +177,16 @@ def _export_serving(model: Model, rebuilt: Model, architecture: dict[str, Any],
     if cached is not None and cached[0] == key:
         return cached[1]
 
+    on_meta = not any(isinstance(value, torch.Tensor) for module in rebuilt.modules()
+                      for value in vars(module).values())
+    entry = entry_path(architecture, input_spec) if on_meta else None
+
     def remember(exported: ExportedSignatures, from_rebuild: bool = True) -> None:
         _SERVING_PROGRAMS[model] = (key, exported)
         if from_rebuild:
-            store_programs(architecture, input_spec, exported)
+            store_programs(entry, exported)
 
-    on_meta = not any(isinstance(value, torch.Tensor) for module in rebuilt.modules()
-                      for value in vars(module).values())
-    stored = read_programs(architecture, input_spec) if on_meta else None
+    stored = read_programs(entry)
     if stored is not None:
         remember(stored, from_rebuild=False)
         return stored

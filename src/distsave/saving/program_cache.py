@@ -89,9 +89,8 @@ def entry_path(architecture: dict[str, Any], input_spec: list[dict[str, Any]]) -
     return folder / f"{key}.json"
 
 
-def read_programs(architecture: dict[str, Any], input_spec: list[dict[str, Any]]) -> ExportedSignatures | None:
-    """The cached serving program of this architecture, checked; None on a miss."""
-    path = entry_path(architecture, input_spec)
+def read_programs(path: Path | None) -> ExportedSignatures | None:
+    """The serving program cached at ``path`` (from `entry_path`), checked; None on a miss."""
     if path is None:
         return None
     try:
@@ -104,10 +103,9 @@ def read_programs(architecture: dict[str, Any], input_spec: list[dict[str, Any]]
         return None
 
 
-def store_programs(architecture: dict[str, Any], input_spec: list[dict[str, Any]],
-                   exported: ExportedSignatures) -> None:
-    """Keep ``exported`` (programs without tensor constants) for later processes; best effort."""
-    path = entry_path(architecture, input_spec)
+def store_programs(path: Path | None, exported: ExportedSignatures) -> None:
+    """Keep ``exported`` (programs without tensor constants) at ``path`` (from `entry_path`) for
+    later processes; best effort, and not fsync'd: a lost entry is only exported again."""
     if path is None or exported.constants:
         return
     reply = {"programs": {name: [program, entry] for name, (program, entry, _) in exported.programs.items()}}
