@@ -72,11 +72,6 @@ def test_captured_replicas_equal_one_gpu_on_the_whole_batch_and_each_other(mnist
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.xfail(strict=True, reason="model.save in the controller exports the serving program there, and "
-                   "torch.export touches CUDA (a CUDA device query, and the CUDA random state in "
-                   "run_decompositions), after which forked replicas cannot use CUDA: the next forked call "
-                   "(predict) fails. Found on 2xH200; fix: export in the helper process (export_process) when "
-                   "a forking strategy runs on GPUs")
 def test_seed_workflow_where_the_program_cannot_restart_forks_two_gpu_replicas(tmp_path):
     """The notebook's cells through ``python -c`` (the GPU image has no Jupyter): the same fork path."""
     from tests.strategies.test_forked import CHECK, FIT, SETUP

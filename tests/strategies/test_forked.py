@@ -109,3 +109,28 @@ def test_under_pytest_the_replicas_are_forked_not_a_second_pytest(tmp_path):
     """))
     result = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(case)], timeout=120)
     assert "1 passed" in result.stdout
+
+
+def test_a_forking_controller_saves_without_exporting_itself_and_forks_again(tmp_path):
+    """torch.export initialises CUDA where it can, and forked replicas cannot use CUDA after that:
+    a controller's save leaves the export to a helper process (here torch.export fails in it)."""
+    code = textwrap.dedent(f"""
+        import torch, distsave
+        strategy = distsave.MirroredStrategy(devices=["cpu", "cpu"])
+        assert strategy.forks
+        with strategy.scope():
+            model = distsave.Sequential([torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)])
+            model.compile(loss="sparse_categorical_crossentropy", optimizer="sgd")
+        model.fit(torch.rand(64, 4), torch.randint(0, 2, (64,)), batch_size=16, verbose=0)
+        def no_export(*args, **kwargs):
+            raise AssertionError("torch.export ran in the forking controller")
+        torch.export.export = no_export
+        model.save({str(tmp_path / 'model')!r})
+        x = torch.rand(8, 4)
+        expected = model.predict(x)  # forked again after the save
+        served = distsave.saved_model.load({str(tmp_path / 'model')!r}).signatures["serving_default"](x)
+        torch.testing.assert_close(served["output_0"], expected)
+        print("saved and forked again")
+    """)
+    result = run_python(["-c", code], timeout=120)
+    assert "saved and forked again" in result.stdout, result.stderr[-2000:]

@@ -104,11 +104,12 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
         raise SaveError("model.save(blocking=False) needs the whole model on one replica; under "
                         "ShardedStrategy each replica holds 1/N and all write their rows together. "
                         "Save with blocking=True: the replicas write in parallel, straight to the files.")
-    # A blocking save exports its program while the tensors are written; a background save
+    # A blocking save exports its program while the tensors are written. A background save
     # starts a helper process exporting it (or exports before it returns, while the model is as
-    # saved, where a helper cannot rebuild the model).
+    # saved, where a helper cannot rebuild the model), and so does a controller that forks its
+    # replicas: torch.export initialises CUDA, after which forked replicas cannot use it.
     exported = None
-    if strategy.is_chief and not blocking:
+    if strategy.is_chief and (not blocking or getattr(strategy, "forks", False)):
         exported = _export_serving(model, rebuilt, architecture, input_spec, in_helper=True)
     content = {
         "kind": KIND_MODEL,

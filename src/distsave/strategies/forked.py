@@ -57,7 +57,9 @@ def check_can_fork(devices: list[torch.device]) -> None:
             f"MirroredStrategy over {len(devices)} GPUs in a program that cannot be started again "
             "(Jupyter/IPython, pytest, python -c) forks one process per replica, and a forked "
             "process cannot use CUDA once this process has initialised it, which it has (a tensor "
-            "was put on a GPU or a torch.cuda call made). Restart the kernel/process and create the "
+            "was put on a GPU, a torch.cuda call made, or a model saved whose classes a fresh "
+            "process cannot import, such as classes defined in the notebook: its serving program "
+            "was exported here; define them in a module). Restart the kernel/process and create the "
             "strategy before any GPU work; or " + _working_options(len(devices)) + ".")
     if dist.is_initialized():
         raise RuntimeError(

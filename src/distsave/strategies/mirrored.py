@@ -87,7 +87,9 @@ class MirroredStrategy(Strategy):
     (they run the same command); started by ``torchrun``, it joins torchrun's processes. In a
     program that cannot be run again (Jupyter/IPython, pytest, ``python -c``) each ``fit``,
     ``evaluate`` and ``predict`` forks one process per replica and this process keeps the model
-    on the CPU between calls (for GPUs: create the strategy before any CUDA work). Gradients are
+    on the CPU between calls (for GPUs: create the strategy before any CUDA work; ``model.save``
+    exports the serving program in a helper process, as torch.export would initialise CUDA here,
+    where the model's classes can be imported there). Gradients are
     averaged with DDP: NCCL on GPUs, gloo on CPUs.
 
     Args:
