@@ -219,3 +219,28 @@ def test_a_direct_read_places_and_hashes_a_chunk_as_the_buffered_read_does(tmp_p
     path.write_bytes(bytes(data))
     assert read()[0] == XXH3_128.of(bytes(data)) != original
     assert read(start=8)[0] is None  # not page-aligned: read buffered instead
+
+
+def test_io_threads_follow_distsave_io_threads(monkeypatch, tmp_path):
+    """DISTSAVE_IO_THREADS sets how many threads read and write (storage that wants more requests
+    in flight, or fewer); every job waits for two others, so fewer threads than 3 would fail."""
+    import threading
+
+    from distsave.saving.tensor_io import run_parallel
+
+    monkeypatch.setenv("DISTSAVE_IO_THREADS", "3")
+    together = threading.Barrier(3, timeout=30)
+
+    def job(_: int) -> int:
+        together.wait()
+        return threading.get_ident()
+
+    assert len(set(run_parallel(job, list(range(30))))) == 3
+    model = distsave.Sequential([nn.Linear(64, 64), nn.Linear(64, 3)], input_spec=distsave.TensorSpec((None, 64)))
+    model.save(tmp_path / "m")
+    loaded = distsave.load_model(tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    for bad in ("0", "many", "-2"):
+        monkeypatch.setenv("DISTSAVE_IO_THREADS", bad)
+        with pytest.raises(ValueError, match=f"DISTSAVE_IO_THREADS={bad!r}: expected a whole number"):
+            run_parallel(job, [1, 2])

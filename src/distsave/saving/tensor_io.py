@@ -34,7 +34,7 @@ from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
-           "failed_chunks", "flat_bytes", "in_turn", "layout", "parse_header", "read_files", "run_parallel",
+           "failed_chunks", "flat_bytes", "in_turn", "io_threads", "layout", "parse_header", "read_files", "run_parallel",
            "write_pieces", "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -45,9 +45,24 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _IOV_MAX = 512
-# Threads release the GIL while they read, write and hash, and storage wants several requests in
-# flight: at least 4 even on a small machine.
-_WORKERS = max(4, min(16, os.cpu_count() or 1))
+IO_THREADS_VARIABLE = "DISTSAVE_IO_THREADS"
+
+
+def io_threads() -> int:
+    """How many threads read, write and hash at once: ``$DISTSAVE_IO_THREADS``, else one per core
+    from 4 to 16. Threads release the GIL while they read, write and hash, and storage wants
+    several requests in flight, even on a small machine; network file systems want more.
+
+    Raises:
+        ValueError: the variable is set to something other than a whole number from 1 to 1024.
+    """
+    value = os.environ.get(IO_THREADS_VARIABLE, "").strip()
+    if not value:
+        return max(4, min(16, os.cpu_count() or 1))
+    if not value.isdigit() or not 1 <= int(value) <= 1024:
+        raise ValueError(f"{IO_THREADS_VARIABLE}={value!r}: expected a whole number of threads from 1 to "
+                         f"1024. Set it to, say, 16, or unset it for one per core from 4 to 16.")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -307,8 +322,9 @@ def _write_fully(fd: int, views: list[memoryview], offset: int) -> None:
         written += step
 
 
-def run_parallel(work: Callable[[Any], Any], jobs: list, workers: int = _WORKERS) -> list:
-    """``[work(job) for job in jobs]`` on up to ``workers`` threads; the first error is raised.
+def run_parallel(work: Callable[[Any], Any], jobs: list, workers: int | None = None) -> list:
+    """``[work(job) for job in jobs]`` on up to ``workers`` threads (default `io_threads`); the
+    first error is raised.
 
     Plain threads, not an executor: a background save that runs while the interpreter exits
     must still be able to start them (executors refuse new work at shutdown).
@@ -331,7 +347,8 @@ def run_parallel(work: Callable[[Any], Any], jobs: list, workers: int = _WORKERS
             except BaseException as error:  # handed to the caller below
                 errors.append(error)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(workers, len(jobs)))]
+    threads = [threading.Thread(target=worker, daemon=True)
+               for _ in range(min(workers or io_threads(), len(jobs)))]
     for thread in threads:
         thread.start()
     for thread in threads:
