@@ -47,6 +47,8 @@ def test_sharded_x2_holds_row_shards_of_weights_and_adam_state(two):
         assert r["adam_state"]["exp_avg"] == ["DTensor", [5, 32]]
         assert r["adam_state"]["exp_avg_sq"] == ["DTensor", [5, 32]]
         assert r["parameter_devices"] == ["cpu"]
+        # compiling a built 128 MiB layer: its rows (half) and, on replica 1, their receive buffer
+        assert r["host_peak_fraction"] < 1.5, r["host_peak_fraction"]
         assert r["describe"]["class"] == "ShardedStrategy" and r["describe"]["num_replicas"] == 2
 
 

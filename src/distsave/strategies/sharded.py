@@ -174,6 +174,12 @@ class ShardedStrategy(MirroredStrategy):
     def prepare_for_training(self, module: nn.Module) -> nn.Module:
         return self.apply_sharding(module)  # FSDP2 shards in place: the module is its own wrapper
 
+    def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Nothing to send: placing a host model (which follows in ``compile``, ``fit``,
+        ``evaluate`` and ``predict``) gives each replica the chief's values, only its own rows of
+        each parameter (`apply_sharding`), and a sharded model's tensors are each replica's own.
+        Mirrored's broadcast would put the whole model on every device, twice."""
+
     def apply_sharding(self, module: nn.Module) -> nn.Module:
         """Shard ``module`` in place over this strategy's mesh and return it; a no-op if done.
 
