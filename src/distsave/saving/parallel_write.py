@@ -23,7 +23,7 @@ from .errors import SaveError
 from .format import HASH_CHUNK_BYTES
 from .manifest import FilePlan, plan_stem
 from .slices import local_slice
-from .tensor_io import FileRecord, Piece, flat_bytes, run_parallel, write_pieces
+from .tensor_io import FileRecord, Piece, flat_bytes, reserve, run_parallel, write_pieces
 
 __all__ = ["HeldBytes", "Plan", "create_files", "held_bytes", "merge_records", "plan_sets", "write_held"]
 
@@ -78,7 +78,7 @@ def create_files(staging: Path, plan: Plan) -> None:
     for file in plan.files:
         fd = os.open(staging / file.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
-            os.ftruncate(fd, file.size)
+            reserve(fd, file.size)
         finally:
             os.close(fd)
 

@@ -34,8 +34,8 @@ from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
-           "failed_chunks", "flat_bytes", "in_turn", "io_threads", "layout", "parse_header", "read_files", "run_parallel",
-           "write_pieces", "write_safetensors"]
+           "failed_chunks", "flat_bytes", "in_turn", "io_threads", "layout", "parse_header", "read_files", "reserve",
+           "run_parallel", "write_pieces", "write_safetensors"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -243,7 +243,7 @@ def write_safetensors(files: dict[str | os.PathLike, dict[str, torch.Tensor]]) -
                        for name, t in sorted(tensors.items(), key=lambda item: offsets[item[0]]) if t.numel()]
             sizes.append(len(header) + sum(p.length for p in pieces[1:]))
             fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
-            os.ftruncate(fds[-1], sizes[-1])
+            reserve(fds[-1], sizes[-1])
             jobs.append((fds[-1], pieces))
         written = write_pieces(jobs)
         run_parallel(os.fsync, fds, workers=len(fds))
@@ -293,6 +293,36 @@ def in_turn(per_file: list[list[Any]]) -> list[Any]:
     """Every file's jobs, taken one file after another (first of each, second of each, ...), so
     a pool of threads works on all files at once."""
     return [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
+
+
+def _space_reserver() -> Callable[[int, int], int] | None:
+    """Linux ``fallocate(fd, 0, 0, size)``, or None where the C library has none."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return lambda fd, size: call(fd, 0, 0, size)
+
+
+_fallocate = _space_reserver()
+
+
+def reserve(fd: int, size: int) -> None:
+    """Give the empty file ``fd`` its final ``size``, its blocks reserved up front where the file
+    system can (``fallocate``): writers then fill one contiguous run of the disk, in any order,
+    where a sparse file gets its blocks in the order the threads' writes arrive (35 extents out
+    of order for a 1 GB file on ext4), and every later read of the file pays for the jumps. A
+    full disk fails here, before a byte is written.
+
+    Raises:
+        OSError: no space (ENOSPC) or another failure of the file system.
+    """
+    if size and _fallocate is not None and _fallocate(fd, size) != 0:
+        error = ctypes.get_errno()
+        if error not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(error, os.strerror(error))
+    os.ftruncate(fd, size)  # where fallocate is missing; a no-op after it
 
 
 def _writeback_starter() -> Callable[[int, int, int], None]:
