@@ -45,7 +45,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 _IOV_MAX = 512
-IO_THREADS_VARIABLE = "DISTSAVE_IO_THREADS"
+_IO_THREADS = "DISTSAVE_IO_THREADS"
 
 
 def io_threads() -> int:
@@ -56,11 +56,11 @@ def io_threads() -> int:
     Raises:
         ValueError: the variable is set to something other than a whole number from 1 to 1024.
     """
-    value = os.environ.get(IO_THREADS_VARIABLE, "").strip()
+    value = os.environ.get(_IO_THREADS, "").strip()
     if not value:
         return max(4, min(16, os.cpu_count() or 1))
     if not value.isdigit() or not 1 <= int(value) <= 1024:
-        raise ValueError(f"{IO_THREADS_VARIABLE}={value!r}: expected a whole number of threads from 1 to "
+        raise ValueError(f"{_IO_THREADS}={value!r}: expected a whole number of threads from 1 to "
                          f"1024. Set it to, say, 16, or unset it for one per core from 4 to 16.")
     return int(value)
 
