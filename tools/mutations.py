@@ -213,7 +213,7 @@ MUTATIONS = [
              ("tests/saving/test_async_save.py::test_a_first_background_save_leaves_the_export_to_a_helper_process",)),
     Mutation("fork-export-in-helper", "a forking controller's save never exports in the controller",
              "src/distsave/saving/model_format.py",
-             '    if strategy.is_chief and (not blocking or getattr(strategy, "forks", False)):',
+             '    if strategy.is_chief and (not blocking or strategy.forks):',
              "    if strategy.is_chief and not blocking:",
              ("tests/strategies/test_forked.py::test_a_forking_controller_saves_without_exporting_itself_and_forks_again",)),
     Mutation("helper-plain-tensors", "a model with plain tensor attributes exports from itself",

@@ -109,7 +109,7 @@ def save_model(model: Model, path: str | os.PathLike, *, max_shard_size: int | N
     # saved, where a helper cannot rebuild the model), and so does a controller that forks its
     # replicas: torch.export initialises CUDA, after which forked replicas cannot use it.
     exported = None
-    if strategy.is_chief and (not blocking or getattr(strategy, "forks", False)):
+    if strategy.is_chief and (not blocking or strategy.forks):
         exported = _export_serving(model, rebuilt, architecture, input_spec, in_helper=True)
     content = {
         "kind": KIND_MODEL,

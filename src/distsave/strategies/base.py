@@ -58,6 +58,7 @@ class Strategy:
     device: torch.device
     num_replicas_in_sync: int = 1
     replica_id: int = 0
+    forks: bool = False  # a controller that forks its replicas per call (MirroredStrategy, `forked`)
 
     @property
     def is_chief(self) -> bool:
@@ -144,7 +145,7 @@ class Strategy:
 
         A sum where only the chief contributes, over the tensors' bits seen as integers, so every
         dtype (bf16 included) arrives bit for bit whatever the backend supports."""
-        if self.num_replicas_in_sync == 1 or getattr(self, "forks", False):
+        if self.num_replicas_in_sync == 1 or self.forks:
             return  # a forking controller is one process: its replicas start from its own weights
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for tensor in tensors:
