@@ -203,7 +203,7 @@ MUTATIONS = [
              ("tests/saving/test_tensor_io.py::test_older_format_versions_with_sha256_still_load_and_check_every_byte",)),
     Mutation("reserve-blocks", "a file's blocks are reserved before its writers start",
              "src/distsave/saving/tensor_io.py",
-             "    if size and _fallocate is not None and _fallocate(fd, size) != 0:",
+             "    if size and _fallocate is not None and _fallocate(fd, 0, 0, size) != 0:",
              "    if False:",
              ("tests/saving/test_tensor_io.py::test_files_get_their_blocks_before_the_writers_start",)),
     Mutation("export-in-helper", "a first background save does not export on the caller's thread",

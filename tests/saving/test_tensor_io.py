@@ -272,7 +272,7 @@ def test_files_get_their_blocks_before_the_writers_start(tmp_path, monkeypatch):
     assert (tmp_path / "reserved").stat().st_size == size
     assert (tmp_path / "reserved").stat().st_blocks * 512 >= size  # every block, before a byte is written
 
-    def unsupported(fd: int, size: int) -> int:
+    def unsupported(fd: int, mode: int, offset: int, size: int) -> int:
         ctypes.set_errno(errno.EOPNOTSUPP)
         return -1
 

@@ -295,17 +295,18 @@ def in_turn(per_file: list[list[Any]]) -> list[Any]:
     return [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
 
 
-def _space_reserver() -> Callable[[int, int], int] | None:
-    """Linux ``fallocate(fd, 0, 0, size)``, or None where the C library has none."""
+def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:
+    """The C library's function ``name`` (errno kept for `ctypes.get_errno`), or None where the
+    C library has none (other systems than Linux)."""
     try:
-        call = ctypes.CDLL(None, use_errno=True).fallocate
+        call = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return lambda fd, size: call(fd, 0, 0, size)
+    call.argtypes = argtypes
+    return call
 
 
-_fallocate = _space_reserver()
+_fallocate = _libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 
 def reserve(fd: int, size: int) -> None:
@@ -318,7 +319,7 @@ def reserve(fd: int, size: int) -> None:
     Raises:
         OSError: no space (ENOSPC) or another failure of the file system.
     """
-    if size and _fallocate is not None and _fallocate(fd, size) != 0:
+    if size and _fallocate is not None and _fallocate(fd, 0, 0, size) != 0:
         error = ctypes.get_errno()
         if error not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise OSError(error, os.strerror(error))
@@ -329,11 +330,9 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
     """``start(fd, offset, length)``: ask the kernel to begin writing a range to disk now, so
     the final fsync finds little left and the disk stays busy while threads write (Linux
     ``sync_file_range``; elsewhere nothing)."""
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    call = _libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+    if call is None:
         return lambda fd, offset, length: None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     return lambda fd, offset, length: call(fd, offset, length, _SYNC_FILE_RANGE_WRITE) and None
 
 
