@@ -136,23 +136,11 @@ if "--extras" in flags:
     report["too_big_still_on_meta"] = all(p.is_meta for p in huge.parameters())
 
 
-
 def host_memory(field: str) -> int:
     """VmRSS (resident now) or VmHWM (the peak since the last reset) of this process, in bytes."""
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
 
-
-if "--cuda" not in flags:  # the shards are host memory: compiling a host model adds only its rows
-    with torch.device("cpu"):
-        layer = nn.Linear(8192, 4096)  # 128 MiB, every page written by its initialisation
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # the peak resident memory starts again from now
-    resident = host_memory("VmRSS")
-    with sharded.scope():
-        big = distsave.Model(layer)
-        big.compile(optimizer="adam", loss="mse")
-    report["host_peak_fraction"] = (host_memory("VmHWM") - resident) / (8192 * 4097 * 4)
 
 if "--cuda" in flags:  # built on the host, sharded: each GPU only ever holds its rows
     torch.cuda.reset_peak_memory_stats(sharded.device)
@@ -162,6 +150,15 @@ if "--cuda" in flags:  # built on the host, sharded: each GPU only ever holds it
         big.compile(optimizer="adam", loss="mse")
     report["peak_fraction"] = (torch.cuda.max_memory_allocated(sharded.device) - held) / (4096 * 4097 * 4)
     report["backend"] = torch.distributed.get_backend(sharded._group)
+else:  # the shards are host memory: compiling a host model adds only its rows
+    layer = nn.Linear(8192, 4096)  # 128 MiB on the host, every page written by its initialisation
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the peak resident memory starts again from now
+    resident = host_memory("VmRSS")
+    with sharded.scope():
+        big = distsave.Model(layer)
+        big.compile(optimizer="adam", loss="mse")
+    report["host_peak_fraction"] = (host_memory("VmHWM") - resident) / (8192 * 4097 * 4)
 
 sharded.barrier()
 with open(f"{prefix}.{rank}.json", "w") as f:
