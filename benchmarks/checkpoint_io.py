@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+import block_requests
+
 HERE = Path(__file__).resolve().parent
 STEP_SCRIPT = HERE / "checkpoint_io_ways.py"
 WAYS = ("ceiling", "torch", "safetensors", "fastsafetensors", "runai", "dcp", "distsave", "distsave-first",
@@ -196,15 +198,19 @@ def run_step(way: str, op: str, args: argparse.Namespace, folder: Path, cache: s
     task = {"way": way, "op": op, "device": "cuda:0" if args.device == "cuda" else "cpu",
             "size_gb": args.size_gb, "folder": str(source), "layout": f"{source}.layout.json",
             "cache": cache, "result": str(result_path)}
+    stat = block_requests.stat_file(mount_of(folder)["source"])
+    sampler = block_requests.RequestSampler(stat).start() if stat else None
     try:
         done = subprocess.run([sys.executable, str(STEP_SCRIPT), json.dumps(task)], capture_output=True,
                               text=True, timeout=STEP_TIMEOUT_S, env=program_cache_env(way, folder))
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {STEP_TIMEOUT_S} s"}
+    finally:
+        requests = sampler.stop() if sampler else None
     if done.returncode != 0 or not result_path.exists():
         last = ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1]
         return {"status": "failed", "reason": f"exit {done.returncode}: {last[:300]}", "stderr": done.stderr[-4000:]}
-    return json.loads(result_path.read_text())
+    return {**json.loads(result_path.read_text()), "disk_requests": requests}
 
 
 def run_all(args: argparse.Namespace, folder: Path, cache: str, log, records: list[dict[str, Any]]) -> None:
@@ -245,7 +251,10 @@ def describe(record: dict[str, Any]) -> str:
         text += f", blocked {record['blocked_s']:.3f} s (first save {record['first_blocked_s']:.3f} s)"
     if "verified" in record:
         text += ", verified" if record["verified"] else f", WRONG TENSORS {record['mismatched']}"
-    return text + f", peak RSS +{(record['rss_peak'] - record['rss_before']) / 2**30:.2f} GiB"
+    text += f", peak RSS +{(record['rss_peak'] - record['rss_before']) / 2**30:.2f} GiB"
+    if record.get("disk_requests"):
+        text += f"; disk: {block_requests.describe(record['disk_requests'], record['op'])}"
+    return text
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -310,6 +319,11 @@ def table(header: dict[str, Any], records: list[dict[str, Any]]) -> str:
         notes = [f"{s['status']}: {s['reason']}" for (w, _), s in summary.items() if w == way and s["status"] != "ok"]
         if load.get("status") == "ok":
             notes.append("loads verified" if load["verified"] else "**LOADED WRONG TENSORS**")
+        for op in ("save", "load"):
+            shapes = [r["disk_requests"] for r in records
+                      if (r["way"], r["op"]) == (way, op) and r["status"] == "ok" and r.get("disk_requests")]
+            if shapes:
+                notes.append("disk " + block_requests.typical(shapes, op))
         hits = [r.get("program_cache") for r in records if (r["way"], r["op"]) == (way, "save") and r["status"] == "ok"]
         if way.startswith("distsave") and hits:
             notes.append(f"program from the cache in {hits.count('hit')} of {len(hits)} saves")
