@@ -70,16 +70,21 @@ class RequestSampler:
                 "mean_in_flight": round(sum(busy) / len(busy), 1) if busy else 0.0}
 
 
+def _served_by(op: str) -> str:
+    """Which requests a step is about: a load's reads, a save's writes."""
+    return "reads" if op == "load" else "writes"
+
+
 def typical(shapes: list[dict[str, Any]], op: str) -> str:
     """The median request size and depth over several runs of one step, for a table's notes."""
-    kind = "reads" if op == "load" else "writes"
+    kind = _served_by(op)
     size = statistics.median(s[kind]["mean_kib"] for s in shapes)
     depth = statistics.median(s["mean_in_flight"] for s in shapes)
     return f"{op}: {size:.0f} KiB {kind}, {depth:.1f} in flight (medians of {len(shapes)})"
 
 
 def describe(shape: dict[str, Any], op: str) -> str:
-    """``load``: the reads; ``save``: the writes, e.g. "12344 reads of 512 KiB, 15.8 in flight"."""
-    kind = "reads" if op == "load" else "writes"
+    """One step's requests, e.g. "12344 reads of 512 KiB, 15.8 in flight"."""
+    kind = _served_by(op)
     served = shape[kind]
     return f"{served['requests']} {kind} of {served['mean_kib']:.0f} KiB, {shape['mean_in_flight']} in flight"
