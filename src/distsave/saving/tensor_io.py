@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .. import _libc
 from .checksum import WRITTEN, Checksum
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
@@ -295,18 +296,7 @@ def in_turn(per_file: list[list[Any]]) -> list[Any]:
     return [job for turn in itertools.zip_longest(*per_file) for job in turn if job is not None]
 
 
-def _libc_function(name: str, argtypes: list) -> Callable[..., int] | None:
-    """The C library's function ``name`` (errno kept for `ctypes.get_errno`), or None where the
-    C library has none (other systems than Linux)."""
-    try:
-        call = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = argtypes
-    return call
-
-
-_fallocate = _libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+_fallocate = _libc.function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 
 def reserve(fd: int, size: int) -> None:
@@ -330,7 +320,7 @@ def _writeback_starter() -> Callable[[int, int, int], None]:
     """``start(fd, offset, length)``: ask the kernel to begin writing a range to disk now, so
     the final fsync finds little left and the disk stays busy while threads write (Linux
     ``sync_file_range``; elsewhere nothing)."""
-    call = _libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
+    call = _libc.function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
     if call is None:
         return lambda fd, offset, length: None
     return lambda fd, offset, length: call(fd, offset, length, _SYNC_FILE_RANGE_WRITE) and None

@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 
+from .. import _libc
+
 __all__ = ["launch_replicas", "launched_by_torchrun_or_distsave", "program_can_restart"]
 
 logger = logging.getLogger(__name__)
@@ -69,9 +71,12 @@ def _relaunch_command() -> list[str]:
     return [sys.executable, *sys.argv]
 
 
+_prctl = _libc.function("prctl", [ctypes.c_int, ctypes.c_ulong])
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphaned replica blocks in a collective
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))  # no orphaned replica blocks in a collective
 
 
 def launch_replicas(world_size: int) -> None:
@@ -81,7 +86,7 @@ def launch_replicas(world_size: int) -> None:
               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     for rank in range(1, world_size):
         env = {**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        preexec = _die_with_parent if _prctl is not None else None
         _children.append(subprocess.Popen(command, env=env, preexec_fn=preexec))
     os.environ.update({**shared, "RANK": "0", "LOCAL_RANK": "0"})
     logger.info("Started %d more replica process(es): %s", world_size - 1, command)
