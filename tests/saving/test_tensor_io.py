@@ -180,55 +180,84 @@ def test_save_and_load_give_the_interpreter_its_gil_switch_interval_back(tmp_pat
         sys.setswitchinterval(before)
 
 
-def test_a_direct_read_places_and_hashes_a_chunk_as_the_buffered_read_does(tmp_path, monkeypatch):
-    """GPU loads read whole chunks with O_DIRECT into page-locked memory (here: host memory and
-    no stream): the same bytes in place and the same digest; damage still changes the digest;
-    a chunk that cannot be read direct is handed back to the buffered read."""
+def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, monkeypatch):
+    """GPU loads read chunks with O_DIRECT, block by block in any order and on several threads,
+    into page-locked memory (here: host memory and no stream): the same bytes in place and the
+    same digest, the unwanted bytes between pieces included, so damage there still changes it;
+    a chunk that cannot be read direct, or comes short, is handed back to the buffered read."""
     import contextlib
     import os
 
-    from distsave.saving import tensor_io
+    from distsave.saving import direct_reads, tensor_io
 
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     stream = type("NoStream", (), {"synchronize": lambda self: None})()
-    weights = torch.randn(300, 7)
+    weights, skipped, bias = torch.randn(1000, 300), torch.randn(100, 50), torch.randn(10)
     path = tmp_path / "w.safetensors"
-    tensor_io.write_safetensors({path: {"w": weights}})
-    raw = torch.empty(2 * 4096 + path.stat().st_size, dtype=torch.uint8)
-    buffer = raw[(-raw.data_ptr()) % 4096:]
+    tensor_io.write_safetensors({path: {"w": weights, "a": skipped, "b": bias}})  # stored in this order
+    size = path.stat().st_size
+    assert size > 2 * direct_reads.BLOCK_BYTES
 
-    def read(start=0):
+    raw = torch.empty(size + 2 * 4096, dtype=torch.uint8)
+    aligned = raw[(-raw.data_ptr()) % 4096:]
+
+    class HostPool:
+        size = aligned.numel() // 4096 * 4096
+
+        def take(self):
+            return aligned, stream
+
+        def give(self, staging):
+            assert staging[0] is aligned
+
+    def read(start=0, cut=None):
         fd = os.open(path, os.O_RDONLY)
-        file = tensor_io.parse_header(str(path), fd, path.stat().st_size)
-        direct = tensor_io._direct_reader(fd)
+        file = tensor_io.parse_header(str(path), fd, size)
+        if cut is not None:
+            os.truncate(path, cut)
+        direct = direct_reads.open_direct(fd)
         assert direct is not None
         try:
-            into = torch.empty_like(weights)
+            into, bias_into, digests = torch.empty_like(weights), torch.empty_like(bias), []
+            assert file.entries["w"].start < file.entries["a"].start < file.entries["b"].start
             pieces = [tensor_io.Piece(0, len(file.header), file.header, 0),
-                      tensor_io.Piece(file.entries["w"].start, weights.numel() * 4, tensor_io.flat_bytes(into), 0)]
-            return tensor_io._read_direct(file, direct, start, file.size, pieces, (buffer, stream), XXH3_128), into
+                      tensor_io.Piece(file.entries["w"].start, weights.numel() * 4, tensor_io.flat_bytes(into), 0),
+                      tensor_io.Piece(file.entries["b"].start, bias.numel() * 4, tensor_io.flat_bytes(bias_into), 0)]
+            reader = direct_reads.BlockReads(HostPool(), XXH3_128)
+            blocks = reader.blocks(direct, start, size, pieces, digests.append)
+            if blocks is None:
+                return None, into, file
+            assert len(blocks) >= 3 and not digests
+            tensor_io.run_parallel(reader.read, blocks[::-1], workers=3)
+            assert len(digests) == 1 and (digests[0] is None or torch.equal(bias_into, bias))
+            return digests[0], into, file
         finally:
             os.close(direct)
             os.close(fd)
 
     original = XXH3_128.of(path.read_bytes())
-    digest, into = read()
+    digest, into, file = read()
     assert digest == original and torch.equal(into, weights)
     data = bytearray(path.read_bytes())
-    data[-5] ^= 1
+    data[file.entries["a"].start + 5] ^= 1  # a byte of the tensor nobody asked for
     path.write_bytes(bytes(data))
     assert read()[0] == XXH3_128.of(bytes(data)) != original
-    assert read(start=8)[0] is None  # not page-aligned: read buffered instead
+    assert read(start=8)[0] is None  # not page-aligned: not read in blocks
+    assert read(cut=size - 4096)[0] is None  # short: read buffered, which names the file
 
 
 def test_io_threads_follow_distsave_io_threads(monkeypatch, tmp_path):
     """DISTSAVE_IO_THREADS sets how many threads read and write (storage that wants more requests
-    in flight, or fewer); every job waits for two others, so fewer threads than 3 would fail."""
+    in flight, or fewer), those that wait on the disk included; unset, there are one per core
+    (4 to 16), two for those. Every job waits for two others, so fewer threads than 3 would fail."""
     import threading
 
-    from distsave.saving.tensor_io import run_parallel
+    from distsave.saving.tensor_io import io_threads, run_parallel
 
+    monkeypatch.delenv("DISTSAVE_IO_THREADS", raising=False)
+    assert 4 <= io_threads() <= 16 and io_threads(per_core=2) == 2 * io_threads()  # GPU loads' block reads
     monkeypatch.setenv("DISTSAVE_IO_THREADS", "3")
+    assert io_threads() == io_threads(per_core=2) == 3
     together = threading.Barrier(3, timeout=30)
 
     def job(_: int) -> int:

@@ -5,7 +5,8 @@ every tensor's offset is known), then threads each take chunks: gather the bytes
 tensors through a reusable pinned buffer), hash them, ``pwritev`` them at their offset. Readers
 parse and check the header, let the caller compare it with what it expects before anything is
 allocated, then threads ``preadv`` each chunk straight into the destination tensors (or, on the
-way to a GPU, whole into a pinned buffer with ``O_DIRECT``), hashing the very bytes they place.
+way to a GPU, block by block into a pinned buffer with ``O_DIRECT``: `direct_reads`), hashing
+the very bytes they place.
 No byte is read twice. One pool of threads serves every file of a save or load at once, taking
 the files' chunks in turn: file systems serialise work inside one file, not across files.
 """
@@ -31,6 +32,7 @@ import torch
 
 from .. import _libc
 from .checksum import WRITTEN, Checksum
+from .direct_reads import ALIGNMENT, BlockReads, open_direct
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
 
@@ -49,17 +51,20 @@ _IOV_MAX = 512
 _IO_THREADS = "DISTSAVE_IO_THREADS"
 
 
-def io_threads() -> int:
-    """How many threads read, write and hash at once: ``$DISTSAVE_IO_THREADS``, else one per core
-    from 4 to 16. Threads release the GIL while they read, write and hash, and storage wants
-    several requests in flight, even on a small machine; network file systems want more.
+def io_threads(per_core: int = 1) -> int:
+    """How many threads read, write and hash at once: ``$DISTSAVE_IO_THREADS``, else ``per_core``
+    per core, counting 4 to 16 cores. Threads release the GIL while they read, write and hash,
+    and storage wants several requests in flight, even on a small machine; network file systems
+    want more. Threads that mostly wait on the disk take 2 per core: a GPU load's block reads
+    (`direct_reads`) kept 9-15 requests in flight with 16 threads and ~29 with 32, which matched
+    fastsafetensors' rate on the device machine (benchmarks/RESULTS.md, ninth round).
 
     Raises:
         ValueError: the variable is set to something other than a whole number from 1 to 1024.
     """
     value = os.environ.get(_IO_THREADS, "").strip()
     if not value:
-        return max(4, min(16, os.cpu_count() or 1))
+        return per_core * max(4, min(16, os.cpu_count() or 1))
     if not value.isdigit() or not 1 <= int(value) <= 1024:
         raise ValueError(f"{_IO_THREADS}={value!r}: expected a whole number of threads from 1 to "
                          f"1024. Set it to, say, 16, or unset it for one per core from 4 to 16.")
@@ -520,7 +525,8 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
     its byte size of the tensor's stored bytes from that byte on; all of a tensor, or the slice
     one process owns. Every chunk that holds a wanted byte, and the header's, is read whole
     (bytes nobody wants go to a scratch buffer) so it can be checked. One pool of threads takes
-    the chunks of all files in turn, as `write_pieces` does.
+    the chunks of all files in turn, as `write_pieces` does; on the way to a GPU it takes them
+    file after file instead, in blocks (`direct_reads`).
 
     Returns:
         For each file, the indices of chunks read whose ``checksum`` differs from its digests.
@@ -535,61 +541,87 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
                 pieces.append(Piece(file.entries[name].start + first, flat.numel(), flat, 0))
                 if flat.device.type != "cpu":
                     devices.add(flat.device)
-        largest = max([largest] + [b - a for a, b in zip(starts, starts[1:] + [file.size])])
-        per_file.append([(index, chunk, chunk_pieces) for chunk, chunk_pieces in _chunks(pieces, starts)])
-    pool = _PinnedPool(next(iter(devices)), largest) if devices else None
-    direct = [_direct_reader(file.fd) if devices else None for file, *_ in files]
+        ends = starts[1:] + [file.size]
+        largest = max([largest] + [end - start for start, end in zip(starts, ends)])
+        per_file.append([_ChunkRead(index, chunk, starts[chunk], ends[chunk], chunk_pieces)
+                         for chunk, chunk_pieces in _chunks(pieces, starts)])
+    pool = _PinnedPool(next(iter(devices)), -(-largest // ALIGNMENT) * ALIGNMENT) if devices else None
+    direct = [open_direct(file.fd) if devices else None for file, *_ in files]
+    jobs = [job for jobs_of_file in per_file for job in jobs_of_file] if devices else in_turn(per_file)
+    passed = [False] * len(jobs)
 
-    def read_chunk(job: tuple[int, int, list[Piece]]) -> bool:
-        index, chunk, chunk_pieces = job
-        file, _, digests, starts = files[index]
-        end = starts[chunk + 1] if chunk + 1 < len(starts) else file.size
-        chunk_pieces = _fill_gaps(chunk_pieces, starts[chunk], end)
-        staged = pool is not None and any(not isinstance(p.source, bytes) and p.source.device.type != "cpu"
-                                          for p in chunk_pieces)
-        staging = pool.take() if staged else None
-        if staging is not None and direct[index] is not None:
-            hexdigest = _read_direct(file, direct[index], starts[chunk], end, chunk_pieces, staging, checksum)
-            if hexdigest is not None:
-                pool.give(staging)
-                return chunk < len(digests) and hexdigest == digests[chunk]
-        digest = checksum.new()
-        buffer = staging[0] if staging else None
-        used = 0
-        for group in _contiguous_reads(chunk_pieces):
-            if isinstance(group[0].source, bytes):
-                for p in group:
-                    digest.update(memoryview(p.source)[p.at:p.at + p.length])
-                continue
-            if buffer is None:
-                views = [memoryview(p.source[p.at:p.at + p.length].numpy()) for p in group]
-            else:
-                total = sum(p.length for p in group)
-                views = [memoryview(buffer[used:used + total].numpy())]
-            _read_fully(file, views, group[0].offset)
-            for view in views:
-                digest.update(view)
-            if buffer is not None:
-                offset = used
-                with torch.cuda.stream(staging[1]):
-                    for p in group:
-                        p.source[p.at:p.at + p.length].copy_(buffer[offset:offset + p.length],
-                                                             non_blocking=p.source.device.type != "cpu")
-                        offset += p.length
-                used += sum(p.length for p in group)
-        if staging is not None:
-            staging[1].synchronize()
-            pool.give(staging)
-        return chunk < len(digests) and digest.hexdigest() == digests[chunk]
+    def check(number: int, hexdigest: str) -> None:
+        digests = files[jobs[number].file][2]
+        passed[number] = jobs[number].chunk < len(digests) and hexdigest == digests[jobs[number].chunk]
 
-    jobs = in_turn(per_file)
+    def read_chunk(number: int) -> None:
+        job = jobs[number]
+        check(number, _read_chunk(files[job.file][0], _fill_gaps(job.pieces, job.start, job.end),
+                                  pool if job.staged else None, checksum))
+
+    def placed(number: int) -> Callable[[str | None], None]:
+        return lambda hexdigest: read_chunk(number) if hexdigest is None else check(number, hexdigest)
+
+    blocks = BlockReads(pool, checksum) if pool is not None else None
+    reads: list[tuple[Callable[[Any], None], Any]] = []
+    for number, job in enumerate(jobs):
+        in_blocks = (blocks.blocks(direct[job.file], job.start, job.end, job.pieces, placed(number))
+                     if job.staged and direct[job.file] is not None else None)
+        reads.extend([(blocks.read, block) for block in in_blocks] if in_blocks else [(read_chunk, number)])
     try:
-        results = run_parallel(read_chunk, jobs)
+        run_parallel(lambda read: read[0](read[1]), reads, workers=io_threads(per_core=2) if devices else None)
     finally:
         for fd in direct:
             if fd is not None:
                 os.close(fd)
-    return failed_chunks(len(files), jobs, results)
+    return failed_chunks(len(files), [(job.file, job.chunk) for job in jobs], passed)
+
+
+@dataclass(frozen=True)
+class _ChunkRead:
+    """The chunk ``[start, end)`` of file number ``file``: the ``pieces`` of it to place."""
+
+    file: int
+    chunk: int
+    start: int
+    end: int
+    pieces: list[Piece]
+
+    @property
+    def staged(self) -> bool:
+        """Whether a piece goes to a device (through page-locked memory)."""
+        return any(not isinstance(p.source, bytes) and p.source.device.type != "cpu" for p in self.pieces)
+
+
+def _read_chunk(file: TensorFile, pieces: list[Piece], pool: _PinnedPool | None, checksum: Checksum) -> str:
+    """Read the pieces covering a chunk through the page cache (device pieces staged through a
+    buffer of ``pool``); the digest of what was placed."""
+    staging = pool.take() if pool is not None else None
+    digest = checksum.new()
+    used = 0
+    for group in _contiguous_reads(pieces):
+        if isinstance(group[0].source, bytes):
+            for p in group:
+                digest.update(memoryview(p.source)[p.at:p.at + p.length])
+            continue
+        if staging is None:
+            views = [memoryview(p.source[p.at:p.at + p.length].numpy()) for p in group]
+        else:
+            total = sum(p.length for p in group)
+            views = [memoryview(staging[0][used:used + total].numpy())]
+        _read_fully(file, views, group[0].offset)
+        for view in views:
+            digest.update(view)
+        if staging is not None:
+            with torch.cuda.stream(staging[1]):
+                for p in group:
+                    p.source[p.at:p.at + p.length].copy_(staging[0][used:used + p.length],
+                                                         non_blocking=p.source.device.type != "cpu")
+                    used += p.length
+    if staging is not None:
+        staging[1].synchronize()
+        pool.give(staging)
+    return digest.hexdigest()
 
 
 def failed_chunks(files: int, jobs: list[tuple], passed: list[bool]) -> list[list[int]]:
@@ -600,56 +632,6 @@ def failed_chunks(files: int, jobs: list[tuple], passed: list[bool]) -> list[lis
         if not ok:
             failed[index].append(chunk)
     return failed
-
-
-_DIRECT_ALIGNMENT = 4096  # offsets and lengths of O_DIRECT reads: a page (a multiple of any block)
-
-
-def _direct_reader(fd: int) -> int | None:
-    """A second descriptor of the open file ``fd`` (the same inode, whatever its name now) that
-    reads past the page cache (``O_DIRECT``); None where the system has none. Reads staged to a
-    GPU use it: the kernel copies nothing into its cache and its read-ahead does not cap the rate."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag or not os.path.isdir("/proc/self/fd"):
-        return None
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | flag | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-
-
-def _read_direct(file: TensorFile, fd: int, start: int, end: int, pieces: list[Piece],
-                 staging: tuple[torch.Tensor, torch.cuda.Stream], checksum: Checksum) -> str | None:
-    """Read the chunk ``[start, end)`` whole through ``fd`` (O_DIRECT) into the page-locked
-    ``staging`` buffer and copy each piece to its destination; the chunk's digest (header bytes
-    hashed as parsed, as the buffered read does), or None where this read cannot be direct
-    (an unaligned chunk, a file system that refuses, a short read): then the caller reads it
-    buffered."""
-    buffer, stream = staging
-    length = end - start
-    aligned = -(-length // _DIRECT_ALIGNMENT) * _DIRECT_ALIGNMENT
-    if start % _DIRECT_ALIGNMENT or aligned > buffer.numel() or buffer.data_ptr() % _DIRECT_ALIGNMENT:
-        return None
-    view = memoryview(buffer[:aligned].numpy())
-    try:
-        got = os.preadv(fd, [view], start)
-    except OSError as error:
-        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return None
-        raise
-    if got < length:
-        return None
-    digest = checksum.new()
-    with torch.cuda.stream(stream):
-        for p in pieces:
-            at = p.offset - start
-            if isinstance(p.source, bytes):
-                digest.update(memoryview(p.source)[p.at:p.at + p.length])
-                continue
-            digest.update(view[at:at + p.length])
-            p.source[p.at:p.at + p.length].copy_(buffer[at:at + p.length], non_blocking=p.source.device.type != "cpu")
-    stream.synchronize()
-    return digest.hexdigest()
 
 
 def _fill_gaps(pieces: list[Piece], start: int, end: int) -> list[Piece]:
