@@ -2,9 +2,10 @@
 at once, from the block device's counters (/sys/class/block/<dev>/stat, sampled every 5 ms).
 
 Two loaders can read the same bytes at the same rate from a program's view and still ask the
-disk very differently: fastsafetensors' one 16 MiB read at a time reached a virtual disk as
+disk very differently: fastsafetensors' 16 threads of 512 KiB blocks reached a virtual disk as
 ~16 requests of 512 KiB in flight, while 16 threads of 16 MiB reads reached it as 4 MiB requests,
-~64 in flight, each waiting ~130 ms in the host's queue (benchmarks/RESULTS.md, eighth round).
+~64 in flight, each waiting ~130 ms in the host's queue (benchmarks/RESULTS.md, eighth and ninth
+rounds).
 """
 
 from __future__ import annotations
