@@ -50,6 +50,7 @@ class _Chunk:
     fd: int
     start: int
     end: int
+    span: int  # end - start, rounded up to whole pages: what the direct reads cover
     pieces: list[Piece]
     done: Callable[[str | None], None]
     blocks_left: int
@@ -74,11 +75,11 @@ class BlockReads:
         bytes sources, are hashed as they are; the bytes between them are hashed as read. Once
         every block is read, ``done`` receives the chunk's digest, or None where a read was
         refused or came short: then the caller reads the chunk another way (and finds out why)."""
-        aligned = -(-(end - start) // ALIGNMENT) * ALIGNMENT
-        if start % ALIGNMENT or aligned > self._pool.size:
+        span = -(-(end - start) // ALIGNMENT) * ALIGNMENT
+        if start % ALIGNMENT or span > self._pool.size:
             return None
-        offsets = range(0, aligned, BLOCK_BYTES)
-        chunk = _Chunk(fd, start, end, pieces, done, blocks_left=len(offsets))
+        offsets = range(0, span, BLOCK_BYTES)
+        chunk = _Chunk(fd, start, end, span, pieces, done, blocks_left=len(offsets))
         return [(chunk, at) for at in offsets]
 
     def read(self, block: tuple[_Chunk, int]) -> None:
@@ -89,8 +90,7 @@ class BlockReads:
                 chunk.staging = self._pool.take()
                 chunk.view = memoryview(chunk.staging[0].numpy())
                 chunk.refused = chunk.staging[0].data_ptr() % ALIGNMENT != 0
-        size = -(-(chunk.end - chunk.start) // ALIGNMENT) * ALIGNMENT
-        length = min(BLOCK_BYTES, size - at)
+        length = min(BLOCK_BYTES, chunk.span - at)
         if not chunk.refused:
             try:
                 got = os.preadv(chunk.fd, [chunk.view[at:at + length]], chunk.start + at)
