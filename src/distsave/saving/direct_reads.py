@@ -25,10 +25,16 @@ if TYPE_CHECKING:
     from .checksum import Checksum
     from .tensor_io import Piece, _PinnedPool
 
-__all__ = ["ALIGNMENT", "BLOCK_BYTES", "BlockReads", "open_direct"]
+__all__ = ["ALIGNMENT", "BLOCK_BYTES", "BlockReads", "open_direct", "page_span"]
 
 BLOCK_BYTES = 512 * 1024
 ALIGNMENT = 4096  # offsets and lengths of O_DIRECT reads: a page (a multiple of any block)
+
+
+def page_span(length: int) -> int:
+    """``length`` bytes rounded up to whole pages: what direct reads of them cover, and so the
+    size a buffer needs to take them."""
+    return -(-length // ALIGNMENT) * ALIGNMENT
 
 
 def open_direct(fd: int) -> int | None:
@@ -51,7 +57,7 @@ class _Chunk:
     fd: int
     start: int
     end: int
-    span: int  # end - start, rounded up to whole pages: what the direct reads cover
+    span: int  # page_span(end - start)
     pieces: list[Piece]
     done: Callable[[str | None], None]
     blocks_left: int
@@ -76,7 +82,7 @@ class BlockReads:
         bytes sources, are hashed as they are; the bytes between them are hashed as read. Once
         every block is read, ``done`` receives the chunk's digest, or None where a read was
         refused or came short: then the caller reads the chunk another way (and finds out why)."""
-        span = -(-(end - start) // ALIGNMENT) * ALIGNMENT
+        span = page_span(end - start)
         if start % ALIGNMENT or span > self._pool.size:
             return None
         offsets = range(0, span, BLOCK_BYTES)

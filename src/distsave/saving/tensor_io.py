@@ -32,7 +32,7 @@ import torch
 
 from .. import _libc
 from .checksum import WRITTEN, Checksum
-from .direct_reads import ALIGNMENT, BlockReads, open_direct
+from .direct_reads import BlockReads, open_direct, page_span
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
 
@@ -545,7 +545,7 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
         largest = max([largest] + [end - start for start, end in zip(starts, ends)])
         per_file.append([_ChunkRead(index, chunk, starts[chunk], ends[chunk], chunk_pieces)
                          for chunk, chunk_pieces in _chunks(pieces, starts)])
-    pool = _PinnedPool(next(iter(devices)), -(-largest // ALIGNMENT) * ALIGNMENT) if devices else None
+    pool = _PinnedPool(next(iter(devices)), page_span(largest)) if devices else None
     direct = [open_direct(file.fd) if devices else None for file, *_ in files]
     jobs = [job for jobs_of_file in per_file for job in jobs_of_file] if devices else in_turn(per_file)
     passed = [False] * len(jobs)
