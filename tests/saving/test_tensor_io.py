@@ -180,15 +180,18 @@ def test_save_and_load_give_the_interpreter_its_gil_switch_interval_back(tmp_pat
         sys.setswitchinterval(before)
 
 
-def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, monkeypatch):
-    """GPU loads read chunks with O_DIRECT, block by block in any order and on several threads,
-    into page-locked memory (here: host memory and no stream): the same bytes in place and the
-    same digest, the unwanted bytes between pieces included, so damage there still changes it;
-    a chunk that cannot be read direct, or comes short, is handed back to the buffered read."""
+@pytest.mark.parametrize("engine", ["threads", "kernel"])
+def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, monkeypatch, engine):
+    """GPU loads read chunks with O_DIRECT, block by block in any order (on several threads, or
+    kept in flight by the kernel), into page-locked memory (here: host memory and no stream):
+    the same bytes in place and the same digest, the unwanted bytes between pieces included, so
+    damage there still changes it; a chunk that cannot be read direct, or comes short, is
+    handed back to the buffered read."""
     import contextlib
     import os
 
     from distsave.saving import direct_reads, tensor_io
+    from distsave.saving.kernel_aio import KernelReads
 
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     stream = type("NoStream", (), {"synchronize": lambda self: None})()
@@ -210,7 +213,7 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
         def give(self, staging):
             assert staging[0] is aligned
 
-    def read(start=0, cut=None):
+    def read(start=0, cut=None, done=None):
         fd = os.open(path, os.O_RDONLY)
         file = tensor_io.parse_header(str(path), fd, size)
         if cut is not None:
@@ -224,11 +227,17 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
                       tensor_io.Piece(file.entries["w"].start, weights.numel() * 4, tensor_io.flat_bytes(into), 0),
                       tensor_io.Piece(file.entries["b"].start, bias.numel() * 4, tensor_io.flat_bytes(bias_into), 0)]
             reader = direct_reads.BlockReads(HostPool(), XXH3_128)
-            blocks = reader.blocks(direct, start, size, pieces, digests.append)
+            blocks = reader.blocks(direct, start, size, pieces, done or digests.append)
             if blocks is None:
                 return None, into, file
             assert len(blocks) >= 3 and not digests
-            tensor_io.run_parallel(reader.read, blocks[::-1], workers=3)
+            if engine == "threads":
+                tensor_io.run_parallel(reader.read, blocks[::-1], workers=3)
+            else:
+                kernel = KernelReads.open(depth=2)
+                if kernel is None:
+                    pytest.skip("this system refuses kernel asynchronous reads (io_setup)")
+                reader.stream(kernel, blocks)
             assert len(digests) == 1 and (digests[0] is None or torch.equal(bias_into, bias))
             return digests[0], into, file
         finally:
@@ -244,6 +253,12 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
     assert read()[0] == XXH3_128.of(bytes(data)) != original
     assert read(start=8)[0] is None  # not page-aligned: not read in blocks
     assert read(cut=size - 4096)[0] is None  # short: read buffered, which names the file
+
+    def fail(digest):
+        raise RuntimeError("placing failed")
+
+    with pytest.raises(RuntimeError, match="placing failed"):  # reaches the caller, reads stop
+        read(done=fail)
 
 
 def test_io_threads_follow_distsave_io_threads(monkeypatch, tmp_path):

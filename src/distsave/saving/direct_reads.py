@@ -1,19 +1,23 @@
 """Reads on their way to a GPU: past the page cache (``O_DIRECT``) into page-locked chunk
-buffers, as one stream of consecutive blocks that all reading threads take in turn.
+buffers, as one stream of consecutive blocks.
 
-The chunk stays what is hashed and checked; the block is what a thread reads. fastsafetensors
-reads this way (16 threads, 512 KiB blocks from one queue, in file order) and loaded the device
-machine's disk faster than distsave's thread per 16 MiB chunk did. Read in blocks, a GPU load
-asks the disk as fastsafetensors does, and holds a buffer only for the chunks in flight; with
-2 threads per core it came within 0.90-0.99x of fastsafetensors' time, from 0.83-0.94x
-(benchmarks/RESULTS.md, ninth round). The thread that reads a chunk's last block hashes the
-chunk and copies its pieces to their devices.
+The chunk stays what is hashed and checked; the block is what is read. fastsafetensors reads
+this way (16 threads, 512 KiB blocks from one queue, in file order) and loaded the device
+machine's disk faster than distsave's thread per 16 MiB chunk did. The blocks are kept in flight
+by the kernel (`kernel_aio`, `BlockReads.stream`: one thread submits, a few hash and place), or,
+where the kernel refuses that, read by threads that take them in turn (`BlockReads.read`).
+Python threads came within 0.90-0.99x of fastsafetensors' time on the device machine; the
+kernel's queue does not wait for the interpreter between reads (benchmarks/RESULTS.md, ninth
+and tenth rounds). Whoever completes a chunk's last block hashes the chunk and copies its
+pieces to their devices.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +27,16 @@ import torch
 
 if TYPE_CHECKING:
     from .checksum import Checksum
+    from .kernel_aio import KernelReads
     from .tensor_io import Piece, _PinnedPool
 
 __all__ = ["ALIGNMENT", "BLOCK_BYTES", "BlockReads", "open_direct", "page_span"]
 
 BLOCK_BYTES = 512 * 1024
 ALIGNMENT = 4096  # offsets and lengths of O_DIRECT reads: a page (a multiple of any block)
+QUEUE_DEPTH = 32  # kernel reads in flight (16 MiB of 512 KiB blocks)
+PLACING_THREADS = 4  # hash + copy to the device: ~2 ms per 16 MiB chunk, ~8 chunks/s per GB/s
+HELD_CHUNKS = 16  # chunks with a buffer at once: those read into plus those waiting to be placed
 
 
 def page_span(length: int) -> int:
@@ -94,9 +102,7 @@ class BlockReads:
         chunk, at = block
         with self._lock:
             if chunk.staging is None:
-                chunk.staging = self._pool.take()
-                chunk.view = memoryview(chunk.staging[0].numpy())
-                chunk.refused = chunk.staging[0].data_ptr() % ALIGNMENT != 0
+                self._stage(chunk)
         length = min(BLOCK_BYTES, chunk.span - at)
         if not chunk.refused:
             try:
@@ -111,6 +117,90 @@ class BlockReads:
             chunk.blocks_left -= 1
             if chunk.blocks_left:
                 return
+        self._finish(chunk)
+
+    def stream(self, kernel: KernelReads, blocks: list[tuple[_Chunk, int]]) -> None:
+        """Read ``blocks`` (of `blocks`), in their order, with ``kernel`` keeping its depth of
+        reads in flight from one thread; `PLACING_THREADS` hash and place each chunk once its
+        last block is in. At most `HELD_CHUNKS` chunks hold a buffer at once."""
+        ready: queue.SimpleQueue[_Chunk | None] = queue.SimpleQueue()
+        buffers = threading.BoundedSemaphore(HELD_CHUNKS)
+        errors: list[BaseException] = []
+
+        def place() -> None:
+            while (chunk := ready.get()) is not None:
+                try:
+                    if not errors:
+                        self._finish(chunk)
+                except BaseException as error:  # raised by the caller below
+                    errors.append(error)
+                finally:
+                    buffers.release()
+
+        placers = [threading.Thread(target=place, daemon=True) for _ in range(PLACING_THREADS)]
+        for thread in placers:
+            thread.start()
+        try:
+            self._keep_in_flight(kernel, collections.deque(blocks), ready, buffers, errors)
+        finally:
+            kernel.close()
+            for _ in placers:
+                ready.put(None)
+            for thread in placers:
+                thread.join()
+        if errors:
+            raise errors[0]
+
+    def _keep_in_flight(self, kernel: KernelReads, pending: collections.deque[tuple[_Chunk, int]],
+                        ready: queue.SimpleQueue, buffers: threading.BoundedSemaphore,
+                        errors: list[BaseException]) -> None:
+        """Submit blocks while a slot (and, for a chunk's first block, a buffer) is free, reap
+        what has ended, and hand each chunk whose blocks are all in to ``ready``."""
+        free, in_flight = list(range(kernel.depth)), {}
+
+        def ended(chunk: _Chunk) -> None:
+            chunk.blocks_left -= 1
+            if not chunk.blocks_left:
+                ready.put(chunk)
+
+        while (pending or in_flight) and not errors:
+            batch = []
+            while pending and free:
+                chunk, at = pending[0]
+                if chunk.staging is None:
+                    if not buffers.acquire(blocking=not (in_flight or batch)):
+                        break
+                    self._stage(chunk)
+                pending.popleft()
+                length = min(BLOCK_BYTES, chunk.span - at)
+                if chunk.refused:
+                    ended(chunk)
+                    continue
+                slot = free.pop()
+                in_flight[slot] = (chunk, at, length)
+                batch.append((slot, chunk.fd, chunk.staging[0].data_ptr() + at, length, chunk.start + at))
+            if batch:
+                kernel.submit(batch)
+            if not in_flight:
+                continue
+            for slot, result in kernel.reap(1):
+                chunk, at, length = in_flight.pop(slot)
+                free.append(slot)
+                if result < 0 and -result not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise OSError(-result, os.strerror(-result))
+                if result < min(length, chunk.end - chunk.start - at):
+                    chunk.refused = True
+                ended(chunk)
+
+    def _stage(self, chunk: _Chunk) -> None:
+        """Give ``chunk`` a page-locked buffer to read into (refused where it is off the page grid)."""
+        chunk.staging = self._pool.take()
+        chunk.view = memoryview(chunk.staging[0].numpy())
+        chunk.refused = chunk.staging[0].data_ptr() % ALIGNMENT != 0
+
+    def _finish(self, chunk: _Chunk) -> None:
+        """Hash and place a chunk whose blocks are all read, give its buffer back and report its
+        digest (None where a read was refused or short)."""
         digest = None if chunk.refused else self._place(chunk)
         self._pool.give(chunk.staging)
         chunk.done(digest)

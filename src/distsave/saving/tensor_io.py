@@ -32,9 +32,10 @@ import torch
 
 from .. import _libc
 from .checksum import WRITTEN, Checksum
-from .direct_reads import BlockReads, open_direct, page_span
+from .direct_reads import QUEUE_DEPTH, BlockReads, open_direct, page_span
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
+from .kernel_aio import KernelReads
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
            "failed_chunks", "flat_bytes", "in_turn", "io_threads", "layout", "parse_header", "read_files", "reserve",
@@ -563,13 +564,23 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
         return lambda hexdigest: read_chunk(number) if hexdigest is None else check(number, hexdigest)
 
     blocks = BlockReads(pool, checksum) if pool is not None else None
-    reads: list[tuple[Callable[[Any], None], Any]] = []
+    block_reads, chunk_reads = [], []
     for number, job in enumerate(jobs):
         in_blocks = (blocks.blocks(direct[job.file], job.start, job.end, job.pieces, placed(number))
                      if job.staged and direct[job.file] is not None else None)
-        reads.extend([(blocks.read, block) for block in in_blocks] if in_blocks else [(read_chunk, number)])
+        if in_blocks:
+            block_reads.extend(in_blocks)
+        else:
+            chunk_reads.append(number)
+    kernel = KernelReads.open(QUEUE_DEPTH) if block_reads else None
     try:
-        run_parallel(lambda read: read[0](read[1]), reads, workers=io_threads(per_core=2) if devices else None)
+        if kernel is not None:
+            blocks.stream(kernel, block_reads)
+            run_parallel(read_chunk, chunk_reads)
+        else:
+            run_parallel(lambda read: read[0](read[1]),
+                         [(blocks.read, block) for block in block_reads] + [(read_chunk, n) for n in chunk_reads],
+                         workers=io_threads(per_core=2) if devices else None)
     finally:
         for fd in direct:
             if fd is not None:
