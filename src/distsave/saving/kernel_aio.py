@@ -46,7 +46,7 @@ class KernelReads:
     def __init__(self, syscall, calls: tuple[int, int, int, int], context: ctypes.c_ulong, depth: int):
         self._syscall, self._calls, self._context, self.depth = syscall, calls, context, depth
         self._requests = (_Iocb * depth)()
-        self._pointers = (ctypes.POINTER(_Iocb) * depth)()
+        self._pointers = (ctypes.POINTER(_Iocb) * depth)(*(ctypes.pointer(r) for r in self._requests))
         self._events = (_Event * depth)()
 
     @classmethod
@@ -61,26 +61,21 @@ class KernelReads:
             return None  # ENOSYS, EPERM (a sandbox), EAGAIN (fs.aio-max-nr reached)
         return cls(syscall, calls, context, depth)
 
-    def submit(self, reads: list[tuple[int, int, int, int, int]]) -> None:
-        """Start ``(slot, fd, address, length, offset)`` reads; a slot is free again once `reap`
-        has returned it. The kernel takes every read or raises."""
-        for index, (slot, fd, address, length, offset) in enumerate(reads):
-            request = self._requests[slot]
-            request.data, request.opcode, request.fildes = slot, _PREAD, fd
-            request.buf, request.nbytes, request.offset = address, length, offset
-            self._pointers[index] = ctypes.pointer(request)
-        done = 0
-        while done < len(reads):
-            pointers = ctypes.cast(ctypes.byref(self._pointers, done * ctypes.sizeof(ctypes.c_void_p)),
-                                   ctypes.POINTER(ctypes.POINTER(_Iocb)))
-            taken = self._syscall(ctypes.c_long(self._calls[3]), self._context, ctypes.c_long(len(reads) - done),
-                                  pointers)
-            if taken < 0:
-                code = ctypes.get_errno()
-                if code in (errno.EINTR, errno.EAGAIN):
-                    continue
+    def submit(self, slot: int, fd: int, address: int, length: int, offset: int) -> None:
+        """Start reading ``length`` bytes at ``offset`` of ``fd`` into ``address``; ``slot`` is
+        free again once `reap` has returned it.
+
+        One read per call: reads submitted together are merged by the block layer into requests
+        of up to ``max_sectors_kb`` (4 MiB on the device machine), and that disk served a few
+        large requests in flight slower than 16 of 512 KiB (benchmarks/RESULTS.md, tenth round)."""
+        request = self._requests[slot]
+        request.data, request.opcode, request.fildes = slot, _PREAD, fd
+        request.buf, request.nbytes, request.offset = address, length, offset
+        pointer = ctypes.byref(self._pointers, slot * ctypes.sizeof(ctypes.c_void_p))
+        while self._syscall(ctypes.c_long(self._calls[3]), self._context, ctypes.c_long(1), pointer) != 1:
+            code = ctypes.get_errno()
+            if code not in (errno.EINTR, errno.EAGAIN):
                 raise OSError(code, f"io_submit: {os.strerror(code)}")
-            done += taken
 
     def reap(self, at_least: int) -> list[tuple[int, int]]:
         """Wait until ``at_least`` reads have ended; ``(slot, bytes read or -errno)`` of each
