@@ -261,6 +261,52 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
         read(done=fail)
 
 
+def test_a_failed_kernel_read_names_the_file(tmp_path):
+    """A read the system fails (EIO from the disk) stops the load with an error naming the file,
+    not a checksum complaint; the kernel's queue is closed on the way out."""
+    import errno
+    import os
+
+    from distsave.saving import direct_reads
+
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(b"x" * 8192)
+    buffer = torch.empty(3 * 4096, dtype=torch.uint8)
+    aligned = buffer[(-buffer.data_ptr()) % 4096:][:8192]
+
+    class Pool:
+        size = 8192
+
+        def take(self):
+            return aligned, None
+
+        def give(self, staging):
+            pass
+
+    class FailingDisk:
+        depth, closed, submitted = 2, False, []
+
+        def submit(self, slot, fd, address, length, offset):
+            self.submitted.append(slot)
+
+        def reap(self, at_least):
+            return [(self.submitted.pop(), -errno.EIO)]
+
+        def close(self):
+            self.closed = True
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = direct_reads.BlockReads(Pool(), XXH3_128)
+        blocks = reader.blocks(fd, 0, 8192, [], lambda digest: None)
+        disk = FailingDisk()
+        with pytest.raises(OSError, match="while reading for a load onto a GPU") as raised:
+            reader.stream(disk, blocks)
+        assert raised.value.errno == errno.EIO and raised.value.filename == str(path) and disk.closed
+    finally:
+        os.close(fd)
+
+
 def test_io_threads_follow_distsave_io_threads(monkeypatch, tmp_path):
     """DISTSAVE_IO_THREADS sets how many threads read and write (storage that wants more requests
     in flight, or fewer), those that wait on the disk included; unset, there are one per core

@@ -58,6 +58,17 @@ def open_direct(fd: int) -> int | None:
         return None
 
 
+def _failed_read(fd: int, code: int) -> OSError:
+    """The error of a direct read of ``fd`` that the system failed (not one it refused), naming
+    the file it reads."""
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        name = f"file descriptor {fd}"
+    return OSError(code, f"{os.strerror(code)} while reading for a load onto a GPU; the disk or file "
+                         "system failed, not the artifact's check (try the load again, check the disk)", name)
+
+
 @dataclass(eq=False)
 class _Chunk:
     """A chunk on its way through a page-locked buffer."""
@@ -109,7 +120,7 @@ class BlockReads:
                 got = os.preadv(chunk.fd, [chunk.view[at:at + length]], chunk.start + at)
             except OSError as error:
                 if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
+                    raise _failed_read(chunk.fd, error.errno) from error
                 got = -1
             if got < min(length, chunk.end - chunk.start - at):
                 chunk.refused = True
@@ -184,7 +195,7 @@ class BlockReads:
                 chunk, at, length = in_flight.pop(slot)
                 free.append(slot)
                 if result < 0 and -result not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise OSError(-result, os.strerror(-result))
+                    raise _failed_read(chunk.fd, -result)
                 if result < min(length, chunk.end - chunk.start - at):
                     chunk.refused = True
                 ended(chunk)
