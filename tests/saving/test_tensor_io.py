@@ -261,9 +261,10 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
         read(done=fail)
 
 
-def test_a_failed_kernel_read_names_the_file(tmp_path):
+@pytest.mark.parametrize("engine", ["threads", "kernel"])
+def test_a_failed_direct_read_names_the_file(tmp_path, monkeypatch, engine):
     """A read the system fails (EIO from the disk) stops the load with an error naming the file,
-    not a checksum complaint; the kernel's queue is closed on the way out."""
+    not a checksum complaint, from either reader; the kernel's queue is closed on the way out."""
     import errno
     import os
 
@@ -295,14 +296,22 @@ def test_a_failed_kernel_read_names_the_file(tmp_path):
         def close(self):
             self.closed = True
 
+    def failing_preadv(fd, buffers, offset):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
     fd = os.open(path, os.O_RDONLY)
     try:
         reader = direct_reads.BlockReads(Pool(), XXH3_128)
         blocks = reader.blocks(fd, 0, 8192, [], lambda digest: None)
         disk = FailingDisk()
         with pytest.raises(OSError, match="while reading for a load onto a GPU") as raised:
-            reader.stream(disk, blocks)
-        assert raised.value.errno == errno.EIO and raised.value.filename == str(path) and disk.closed
+            if engine == "kernel":
+                reader.stream(disk, blocks)
+            else:
+                monkeypatch.setattr(direct_reads.os, "preadv", failing_preadv)
+                reader.read(blocks[0])
+        assert raised.value.errno == errno.EIO and raised.value.filename == str(path)
+        assert disk.closed == (engine == "kernel")
     finally:
         os.close(fd)
 

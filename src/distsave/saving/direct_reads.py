@@ -84,6 +84,14 @@ class _Chunk:
     view: memoryview | None = None
     refused: bool = False
 
+    def read_ended(self, at: int, length: int, result: int) -> None:
+        """Take the outcome of the block read at ``at`` (bytes read, or -errno): a refused or
+        short read sends the chunk to the buffered reader; a failed one is raised, naming the file."""
+        if result < 0 and -result not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise _failed_read(self.fd, -result)
+        if result < min(length, self.end - self.start - at):
+            self.refused = True
+
 
 class BlockReads:
     """Chunks read block by block, by any number of threads at once, through buffers of
@@ -119,11 +127,8 @@ class BlockReads:
             try:
                 got = os.preadv(chunk.fd, [chunk.view[at:at + length]], chunk.start + at)
             except OSError as error:
-                if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise _failed_read(chunk.fd, error.errno) from error
-                got = -1
-            if got < min(length, chunk.end - chunk.start - at):
-                chunk.refused = True
+                got = -(error.errno or errno.EIO)
+            chunk.read_ended(at, length, got)
         with self._lock:
             chunk.blocks_left -= 1
             if chunk.blocks_left:
@@ -194,10 +199,7 @@ class BlockReads:
             for slot, result in kernel.reap(1):
                 chunk, at, length = in_flight.pop(slot)
                 free.append(slot)
-                if result < 0 and -result not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise _failed_read(chunk.fd, -result)
-                if result < min(length, chunk.end - chunk.start - at):
-                    chunk.refused = True
+                chunk.read_ended(at, length, result)
                 ended(chunk)
 
     def _stage(self, chunk: _Chunk) -> None:
