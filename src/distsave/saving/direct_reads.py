@@ -94,8 +94,9 @@ class _Chunk:
 
 
 class BlockReads:
-    """Chunks read block by block, by any number of threads at once, through buffers of
-    ``pool`` (page-locked, a CUDA stream each; `tensor_io._PinnedPool`)."""
+    """Chunks read block by block, by any number of threads at once (`read`) or kept in flight
+    by the kernel (`stream`), through buffers of ``pool`` (page-locked, a CUDA stream each;
+    `tensor_io._PinnedPool`)."""
 
     def __init__(self, pool: _PinnedPool, checksum: Checksum):
         self._pool, self._checksum = pool, checksum
