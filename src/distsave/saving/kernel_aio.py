@@ -21,8 +21,9 @@ from .. import _libc
 __all__ = ["KernelReads"]
 
 # (io_setup, io_destroy, io_getevents, io_submit) in the kernel's system call tables
-_CALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
+_CALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}.get(platform.machine())
 _PREAD = 0  # IOCB_CMD_PREAD
+_syscall = _libc.function("syscall", [ctypes.c_long])
 
 
 class _Iocb(ctypes.Structure):
@@ -44,8 +45,8 @@ class _Event(ctypes.Structure):
 class KernelReads:
     """Up to ``depth`` reads in flight at once; each is named by a slot number below ``depth``."""
 
-    def __init__(self, syscall, calls: tuple[int, int, int, int], context: ctypes.c_ulong, depth: int):
-        self._syscall, self._calls, self._context, self.depth = syscall, calls, context, depth
+    def __init__(self, context: ctypes.c_ulong, depth: int):
+        self._context, self.depth = context, depth
         self._requests = (_Iocb * depth)()
         self._pointers = (ctypes.POINTER(_Iocb) * depth)(*(ctypes.pointer(r) for r in self._requests))
         self._events = (_Event * depth)()
@@ -53,14 +54,12 @@ class KernelReads:
     @classmethod
     def open(cls, depth: int) -> KernelReads | None:
         """A context for ``depth`` reads in flight, or None where this system has none."""
-        calls = _CALLS.get(platform.machine())
-        syscall = _libc.function("syscall", [ctypes.c_long])
-        if calls is None or syscall is None:
+        if _CALLS is None or _syscall is None:
             return None
         context = ctypes.c_ulong(0)
-        if syscall(ctypes.c_long(calls[0]), ctypes.c_uint(depth), ctypes.byref(context)) != 0:
+        if _syscall(ctypes.c_long(_CALLS[0]), ctypes.c_uint(depth), ctypes.byref(context)) != 0:
             return None  # ENOSYS, EPERM (a sandbox), EAGAIN (fs.aio-max-nr reached)
-        return cls(syscall, calls, context, depth)
+        return cls(context, depth)
 
     def submit(self, slot: int, fd: int, address: int, length: int, offset: int) -> None:
         """Start reading ``length`` bytes at ``offset`` of ``fd`` into ``address``; ``slot`` is
@@ -73,7 +72,7 @@ class KernelReads:
         request.data, request.opcode, request.fildes = slot, _PREAD, fd
         request.buf, request.nbytes, request.offset = address, length, offset
         pointer = ctypes.byref(self._pointers, slot * ctypes.sizeof(ctypes.c_void_p))
-        while self._syscall(ctypes.c_long(self._calls[3]), self._context, ctypes.c_long(1), pointer) != 1:
+        while _syscall(ctypes.c_long(_CALLS[3]), self._context, ctypes.c_long(1), pointer) != 1:
             code = ctypes.get_errno()
             if code not in (errno.EINTR, errno.EAGAIN):
                 raise OSError(code, f"io_submit: {os.strerror(code)}")
@@ -82,8 +81,8 @@ class KernelReads:
         """Wait until ``at_least`` reads have ended; ``(slot, bytes read or -errno)`` of each
         that has."""
         while True:
-            got = self._syscall(ctypes.c_long(self._calls[2]), self._context, ctypes.c_long(at_least),
-                                ctypes.c_long(self.depth), self._events, None)
+            got = _syscall(ctypes.c_long(_CALLS[2]), self._context, ctypes.c_long(at_least),
+                           ctypes.c_long(self.depth), self._events, None)
             if got >= 0:
                 return [(self._events[i].data, self._events[i].res) for i in range(got)]
             code = ctypes.get_errno()
@@ -93,5 +92,5 @@ class KernelReads:
     def close(self) -> None:
         """Wait for reads in flight and free the context (the kernel waits in io_destroy)."""
         if self._context.value:
-            self._syscall(ctypes.c_long(self._calls[1]), self._context)
+            _syscall(ctypes.c_long(_CALLS[1]), self._context)
             self._context = ctypes.c_ulong(0)
