@@ -230,8 +230,7 @@ class BlockReads:
                     digest.update(memoryview(p.source)[p.at:p.at + p.length])
                 else:
                     digest.update(chunk.view[at:at + p.length])
-                    p.source[p.at:p.at + p.length].copy_(buffer[at:at + p.length],
-                                                         non_blocking=p.source.device.type != "cpu")
+                    p.source[p.at:p.at + p.length].copy_(buffer[at:at + p.length], non_blocking=p.on_device)
                 position = p.offset + p.length
             digest.update(chunk.view[position - chunk.start:chunk.end - chunk.start])
         stream.synchronize()

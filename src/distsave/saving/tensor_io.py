@@ -118,6 +118,11 @@ class Piece:
     source: torch.Tensor | bytes
     at: int
 
+    @property
+    def on_device(self) -> bool:
+        """Whether the bytes come from or go to an accelerator (through page-locked memory)."""
+        return not isinstance(self.source, bytes) and self.source.device.type != "cpu"
+
 
 def _chunks(pieces: list[Piece], starts: list[int]) -> Iterator[tuple[int, list[Piece]]]:
     """Split file-ordered pieces at the chunk boundaries ``starts``: (chunk index, its pieces)."""
@@ -181,7 +186,7 @@ def _host_views(pieces: list[Piece], pool: _PinnedPool | None) -> tuple[list[mem
     one pinned buffer (returned, to give back to the pool once written)."""
     staging, used, places = None, 0, []
     for p in pieces:
-        if not isinstance(p.source, bytes) and p.source.device.type != "cpu":
+        if p.on_device:
             staging = pool.take() if staging is None else staging
             with torch.cuda.stream(staging[1]):
                 staging[0][used:used + p.length].copy_(p.source[p.at:p.at + p.length], non_blocking=True)
@@ -269,8 +274,7 @@ def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
     the files are written at once: a file system serialises the writes and block allocation
     inside one file (ext4 holds the file's lock), not across files.
     """
-    devices = {p.source.device for _, pieces in files for p in pieces
-               if not isinstance(p.source, bytes) and p.source.device.type != "cpu"}
+    devices = {p.source.device for _, pieces in files for p in pieces if p.on_device}
     pool = _PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
 
     def write_segment(job: tuple[int, int, list[Piece]]) -> Segment:
@@ -601,7 +605,7 @@ class _ChunkRead:
     @property
     def staged(self) -> bool:
         """Whether a piece goes to a device (through page-locked memory)."""
-        return any(not isinstance(p.source, bytes) and p.source.device.type != "cpu" for p in self.pieces)
+        return any(p.on_device for p in self.pieces)
 
 
 def _read_chunk(file: TensorFile, pieces: list[Piece], pool: _PinnedPool | None, checksum: Checksum) -> str:
@@ -626,8 +630,7 @@ def _read_chunk(file: TensorFile, pieces: list[Piece], pool: _PinnedPool | None,
         if staging is not None:
             with torch.cuda.stream(staging[1]):
                 for p in group:
-                    p.source[p.at:p.at + p.length].copy_(staging[0][used:used + p.length],
-                                                         non_blocking=p.source.device.type != "cpu")
+                    p.source[p.at:p.at + p.length].copy_(staging[0][used:used + p.length], non_blocking=p.on_device)
                     used += p.length
     if staging is not None:
         staging[1].synchronize()
