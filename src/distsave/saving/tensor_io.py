@@ -630,7 +630,8 @@ def _read_chunk(file: TensorFile, pieces: list[Piece], pool: _PinnedPool | None,
         if staging is not None:
             with torch.cuda.stream(staging[1]):
                 for p in group:
-                    p.source[p.at:p.at + p.length].copy_(staging[0][used:used + p.length], non_blocking=p.on_device)
+                    p.source[p.at:p.at + p.length].copy_(staging[0][used:used + p.length],
+                                                         non_blocking=p.on_device)
                     used += p.length
     if staging is not None:
         staging[1].synchronize()
