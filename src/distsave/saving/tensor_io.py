@@ -57,8 +57,9 @@ def io_threads(per_core: int = 1) -> int:
     per core, counting 4 to 16 cores. Threads release the GIL while they read, write and hash,
     and storage wants several requests in flight, even on a small machine; network file systems
     want more. Threads that mostly wait on the disk take 2 per core: a GPU load's block reads
-    (`direct_reads`) kept 9-15 requests in flight with 16 threads and ~29 with 32, which matched
-    fastsafetensors' rate on the device machine (benchmarks/RESULTS.md, ninth round).
+    where the kernel's queue is refused (`direct_reads`) kept 9-15 requests in flight with 16
+    threads and ~29 with 32, 0.90-0.99x fastsafetensors' rate on the device machine
+    (benchmarks/RESULTS.md, ninth round).
 
     Raises:
         ValueError: the variable is set to something other than a whole number from 1 to 1024.
