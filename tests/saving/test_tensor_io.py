@@ -180,6 +180,24 @@ def test_save_and_load_give_the_interpreter_its_gil_switch_interval_back(tmp_pat
         sys.setswitchinterval(before)
 
 
+def _host_pool(nbytes: int, stream=None):
+    """A stand-in for tensor_io._PinnedPool on a machine without a GPU: one page-aligned host
+    buffer of ``nbytes`` (whole pages), handed out again and again."""
+    raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
+    aligned = raw[(-raw.data_ptr()) % 4096:][:nbytes]
+
+    class HostPool:
+        size = nbytes
+
+        def take(self):
+            return aligned, stream
+
+        def give(self, staging):
+            assert staging[0] is aligned
+
+    return HostPool()
+
+
 @pytest.mark.parametrize("engine", ["threads", "kernel"])
 def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, monkeypatch, engine):
     """GPU loads read chunks with O_DIRECT, block by block in any order (on several threads, or
@@ -200,18 +218,7 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
     tensor_io.write_safetensors({path: {"w": weights, "a": skipped, "b": bias}})  # stored in this order
     size = path.stat().st_size
     assert size > 2 * direct_reads.BLOCK_BYTES
-
-    raw = torch.empty(size + 2 * 4096, dtype=torch.uint8)
-    aligned = raw[(-raw.data_ptr()) % 4096:]
-
-    class HostPool:
-        size = aligned.numel() // 4096 * 4096
-
-        def take(self):
-            return aligned, stream
-
-        def give(self, staging):
-            assert staging[0] is aligned
+    pool = _host_pool(direct_reads.page_span(size), stream)
 
     def read(start=0, cut=None, done=None):
         fd = os.open(path, os.O_RDONLY)
@@ -226,7 +233,7 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
             pieces = [tensor_io.Piece(0, len(file.header), file.header, 0),
                       tensor_io.Piece(file.entries["w"].start, weights.numel() * 4, tensor_io.flat_bytes(into), 0),
                       tensor_io.Piece(file.entries["b"].start, bias.numel() * 4, tensor_io.flat_bytes(bias_into), 0)]
-            reader = direct_reads.BlockReads(HostPool(), XXH3_128)
+            reader = direct_reads.BlockReads(pool, XXH3_128)
             blocks = reader.blocks(direct, start, size, pieces, done or digests.append)
             if blocks is None:
                 return None, into, file
@@ -272,17 +279,6 @@ def test_a_failed_direct_read_names_the_file(tmp_path, monkeypatch, engine):
 
     path = tmp_path / "w.safetensors"
     path.write_bytes(b"x" * 8192)
-    buffer = torch.empty(3 * 4096, dtype=torch.uint8)
-    aligned = buffer[(-buffer.data_ptr()) % 4096:][:8192]
-
-    class Pool:
-        size = 8192
-
-        def take(self):
-            return aligned, None
-
-        def give(self, staging):
-            pass
 
     class FailingDisk:
         depth, closed, submitted = 2, False, []
@@ -301,7 +297,7 @@ def test_a_failed_direct_read_names_the_file(tmp_path, monkeypatch, engine):
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        reader = direct_reads.BlockReads(Pool(), XXH3_128)
+        reader = direct_reads.BlockReads(_host_pool(8192), XXH3_128)
         blocks = reader.blocks(fd, 0, 8192, [], lambda digest: None)
         disk = FailingDisk()
         with pytest.raises(OSError, match="while reading for a load onto a GPU") as raised:
