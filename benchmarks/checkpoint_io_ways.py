@@ -260,6 +260,11 @@ def load_dcp(folder: Path, device: str, layout: Layout) -> Callable[[], Tensors]
 
 
 def load_fastsafetensors(folder: Path, device: str, layout: Layout) -> Callable[[], Tensors]:
+    return fastsafetensors_reader([folder / "state.safetensors"], device, layout["names"])
+
+
+def fastsafetensors_reader(paths: list[Path], device: str, names: list[str] | None) -> Callable[[], Tensors]:
+    """fastsafetensors loading ``paths`` onto ``device``: the tensors ``names`` (None: all)."""
     try:
         from fastsafetensors import SafeTensorsFileLoader
     except ImportError as error:
@@ -267,9 +272,9 @@ def load_fastsafetensors(folder: Path, device: str, layout: Layout) -> Callable[
 
     def run() -> Tensors:
         loader = SafeTensorsFileLoader(None, device, nogds=True)  # no GPUDirect Storage assumed
-        loader.add_filenames({0: [str(folder / "state.safetensors")]})
+        loader.add_filenames({0: [str(path) for path in paths]})
         files = loader.copy_files_to_device()
-        tensors = {name: files.get_tensor(name) for name in layout["names"]}
+        tensors = {name: files.get_tensor(name) for name in (names or list(files.key_to_rank_lidx))}
         loader.close()
         return tensors
     return run

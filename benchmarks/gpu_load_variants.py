@@ -80,21 +80,9 @@ def timed(phases: dict[str, float], name: str, function):
 
 def load_fastsafetensors_on_distsave(folder: Path, device: str, layout: dict[str, Any]):
     """fastsafetensors reading every safetensors file of a distsave artifact."""
-    from checkpoint_io_ways import Unavailable
+    from checkpoint_io_ways import fastsafetensors_reader
 
-    try:
-        from fastsafetensors import SafeTensorsFileLoader
-    except ImportError as error:
-        raise Unavailable(f"fastsafetensors is not installed ({error})") from error
-
-    def run():
-        loader = SafeTensorsFileLoader(None, device, nogds=True)
-        loader.add_filenames({0: sorted(str(p) for p in folder.rglob("*.safetensors"))})
-        files = loader.copy_files_to_device()
-        tensors = {name: files.get_tensor(name) for name in files.key_to_rank_lidx}
-        loader.close()
-        return tensors
-    return run
+    return fastsafetensors_reader(sorted(folder.rglob("*.safetensors")), device, None)
 
 
 def step(task_json: str) -> None:
