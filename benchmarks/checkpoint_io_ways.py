@@ -274,7 +274,7 @@ def fastsafetensors_reader(paths: list[Path], device: str, names: list[str] | No
         loader = SafeTensorsFileLoader(None, device, nogds=True)  # no GPUDirect Storage assumed
         loader.add_filenames({0: [str(path) for path in paths]})
         files = loader.copy_files_to_device()
-        tensors = {name: files.get_tensor(name) for name in (names or list(files.key_to_rank_lidx))}
+        tensors = {name: files.get_tensor(name) for name in (list(files.key_to_rank_lidx) if names is None else names)}
         loader.close()
         return tensors
     return run
