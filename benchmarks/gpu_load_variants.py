@@ -11,8 +11,10 @@ on distsave's own files: the same disk blocks; not "verified", its tensor names 
 distsave's), ``committed`` (`load_model` as it is), or settings of distsave's GPU reader joined
 by ``+``: ``threads`` (no kernel queue: the threaded block reader), ``depth=N`` (kernel reads in
 flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``held=N`` (chunks
-with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS). Each distsave record also has
-the seconds spent inside ``read_files`` and ``load_model``.
+with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
+polls for ended reads instead of sleeping), ``switch_us=N`` (the interpreter's thread switch
+interval), ``submitters=N`` (the kernel queue split among N submitting threads). Each distsave
+record also has the seconds spent inside ``read_files`` and ``load_model``.
 
 Use ``--cold files`` (the default, as checkpoint_io.py): dropping the whole page cache makes
 fastsafetensors read its own libraries inside its timed load (benchmarks/RESULTS.md, tenth round).
@@ -35,7 +37,8 @@ PEERS = {"fst": "fastsafetensors", "fst-distsave": "fst-distsave"}
 
 
 # -- in the step's process ----------------------------------------------------------------------
-SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads")
+SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "switch_us",
+            "submitters")
 
 
 def settings(variant: str) -> list[tuple[str, str]]:
@@ -65,6 +68,82 @@ def apply_variant(variant: str) -> None:
             direct_reads.HELD_CHUNKS = int(value)
         elif name == "io_threads":
             os.environ["DISTSAVE_IO_THREADS"] = value
+        elif name == "spin":
+            spin_on_reads()
+        elif name == "switch_us":
+            sys.setswitchinterval(int(value) / 1e6)
+        elif name == "submitters":
+            submit_from_threads(int(value))
+
+
+def spin_on_reads() -> None:
+    """Make the kernel queue poll for ended reads (``io_getevents`` with no minimum, the
+    interpreter lock let go at each call) instead of sleeping until one ends: what is left of
+    the gap to fastsafetensors if the submitting thread's wake-up is what costs it."""
+    from distsave.saving.kernel_aio import KernelReads
+
+    sleeping_reap = KernelReads.reap
+
+    def reap(self, at_least: int) -> list[tuple[int, int]]:
+        while not (ended := sleeping_reap(self, 0)) and at_least:
+            pass
+        return ended
+
+    KernelReads.reap = reap
+
+
+def submit_from_threads(count: int) -> None:
+    """Split the kernel queue among ``count`` submitting threads, each with its own context
+    (its share of the depth) and every ``count``-th chunk: what is left of the gap if one
+    thread's turnaround between reads is what costs it."""
+    import collections
+    import queue
+    import threading
+
+    from distsave.saving import direct_reads
+    from distsave.saving.kernel_aio import KernelReads
+
+    def stream(self, kernel, blocks) -> None:
+        depth = kernel.depth // count
+        kernel.close()
+        kernels = [KernelReads.open(depth) for _ in range(count)]
+        order = {chunk: number for number, chunk in enumerate(dict.fromkeys(chunk for chunk, _ in blocks))}
+        shares = [collections.deque(b for b in blocks if order[b[0]] % count == i) for i in range(count)]
+        ready, errors = queue.SimpleQueue(), []
+        buffers = threading.BoundedSemaphore(direct_reads.HELD_CHUNKS)
+
+        def place() -> None:
+            while (chunk := ready.get()) is not None:
+                try:
+                    if not errors:
+                        self._finish(chunk)
+                except BaseException as error:
+                    errors.append(error)
+                finally:
+                    buffers.release()
+
+        def submit(own, share) -> None:
+            try:
+                self._keep_in_flight(own, share, ready, buffers, errors)
+            except BaseException as error:
+                errors.append(error)
+            finally:
+                own.close()
+
+        threads = [threading.Thread(target=place, daemon=True) for _ in range(direct_reads.PLACING_THREADS)]
+        submitters = [threading.Thread(target=submit, args=pair) for pair in zip(kernels, shares)]
+        for thread in threads + submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join()
+        for _ in threads:
+            ready.put(None)
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    direct_reads.BlockReads.stream = stream
 
 
 def timed(phases: dict[str, float], name: str, function):
