@@ -214,8 +214,9 @@ def run_step(way: str, op: str, args: argparse.Namespace, folder: Path, cache: s
 
 
 def run_all(args: argparse.Namespace, folder: Path, cache: str, log, records: list[dict[str, Any]]) -> None:
-    """Every selected way, repeat after repeat (so a busy moment of the machine hits all ways);
-    appends each step's record to ``records`` and ``log`` as it ends."""
+    """Every selected way, repeat after repeat (so a busy moment of the machine hits all ways),
+    in reverse order every other repeat (so no way always follows the same one); appends each
+    step's record to ``records`` and ``log`` as it ends."""
     selected = [w for w in WAYS if w in args.only]
     # Compile the modules a distsave save imports on first use once, untimed: where torch ships
     # without bytecode (the GPU image, with PYTHONPYCACHEPREFIX), the first process to import
@@ -224,7 +225,8 @@ def run_all(args: argparse.Namespace, folder: Path, cache: str, log, records: li
                    check=False, capture_output=True)
     shutil.rmtree(folder / "program-cache", ignore_errors=True)
     for repeat in range(args.repeats):
-        for position, way in enumerate(selected):
+        order = selected if repeat % 2 == 0 else selected[::-1]
+        for position, way in enumerate(order):
             source = READS_FROM.get(way)
             if source and not (folder / source / "state.safetensors").exists():
                 prepared = run_step(source, "save", args, folder, cache)  # untimed: the file to read
@@ -237,7 +239,7 @@ def run_all(args: argparse.Namespace, folder: Path, cache: str, log, records: li
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(f"# {repeat} {way:15} {op:4} {describe(record)}", flush=True)
-            later = selected[position + 1:]
+            later = order[position + 1:]
             for name in {way, source} - {None, *(READS_FROM.get(w) for w in later)}:
                 shutil.rmtree(folder / name, ignore_errors=True)  # at most two checkpoints on disk
 
