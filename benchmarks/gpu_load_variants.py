@@ -12,8 +12,7 @@ distsave's), ``committed`` (`load_model` as it is), or settings of distsave's GP
 by ``+``: ``threads`` (no kernel queue: the threaded block reader), ``depth=N`` (kernel reads in
 flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``held=N`` (chunks
 with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
-polls for ended reads instead of sleeping), ``switch_us=N`` (the interpreter's thread switch
-interval), ``submitters=N`` (the kernel queue split among N submitting threads). Each distsave
+polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N submitting threads). Each distsave
 record also has the seconds spent inside ``read_files`` and ``load_model``.
 
 Use ``--cold files`` (the default, as checkpoint_io.py): dropping the whole page cache makes
@@ -37,8 +36,7 @@ PEERS = {"fst": "fastsafetensors", "fst-distsave": "fst-distsave"}
 
 
 # -- in the step's process ----------------------------------------------------------------------
-SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "switch_us",
-            "submitters")
+SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "submitters")
 
 
 def settings(variant: str) -> list[tuple[str, str]]:
@@ -70,8 +68,6 @@ def apply_variant(variant: str) -> None:
             os.environ["DISTSAVE_IO_THREADS"] = value
         elif name == "spin":
             spin_on_reads()
-        elif name == "switch_us":
-            sys.setswitchinterval(int(value) / 1e6)
         elif name == "submitters":
             submit_from_threads(int(value))
 

@@ -7,8 +7,8 @@ machine's disk faster than distsave's thread per 16 MiB chunk did. The blocks ar
 by the kernel (`kernel_aio`, `BlockReads.stream`: one thread submits, a few hash and place), or,
 where the kernel refuses that, read by threads that take them in turn (`BlockReads.read`).
 On the device machine, Python threads came within 0.77-0.99x of fastsafetensors' time and the
-kernel's queue within 0.89-0.95x, with the disk seeing fastsafetensors' request shape
-(benchmarks/RESULTS.md, ninth and tenth rounds). Whoever completes a chunk's last block hashes
+kernel's queue within 0.84-0.99x, with the disk seeing fastsafetensors' request shape
+(benchmarks/RESULTS.md, ninth to eleventh rounds). Whoever completes a chunk's last block hashes
 the chunk and copies its pieces to their devices.
 """
 
