@@ -90,56 +90,36 @@ def spin_on_reads() -> None:
 
 def submit_from_threads(count: int) -> None:
     """Split the kernel queue among ``count`` submitting threads, each with its own context
-    (its share of the depth) and every ``count``-th chunk: what is left of the gap if one
-    thread's turnaround between reads is what costs it."""
+    (its share of the depth) and every ``count``-th chunk, all feeding the same placing threads:
+    what is left of the gap if one thread's turnaround between reads is what costs it."""
     import collections
-    import queue
     import threading
 
-    from distsave.saving import direct_reads
+    from distsave.saving.direct_reads import BlockReads
     from distsave.saving.kernel_aio import KernelReads
 
-    def stream(self, kernel, blocks) -> None:
-        depth = kernel.depth // count
-        kernel.close()
-        kernels = [KernelReads.open(depth) for _ in range(count)]
-        order = {chunk: number for number, chunk in enumerate(dict.fromkeys(chunk for chunk, _ in blocks))}
-        shares = [collections.deque(b for b in blocks if order[b[0]] % count == i) for i in range(count)]
-        ready, errors = queue.SimpleQueue(), []
-        buffers = threading.BoundedSemaphore(direct_reads.HELD_CHUNKS)
+    keep_in_flight = BlockReads._keep_in_flight
 
-        def place() -> None:
-            while (chunk := ready.get()) is not None:
-                try:
-                    if not errors:
-                        self._finish(chunk)
-                except BaseException as error:
-                    errors.append(error)
-                finally:
-                    buffers.release()
+    def split(self, kernel, pending, ready, buffers, errors) -> None:
+        order = {chunk: number for number, chunk in enumerate(dict.fromkeys(chunk for chunk, _ in pending))}
+        shares = [collections.deque(b for b in pending if order[b[0]] % count == i) for i in range(count)]
 
-        def submit(own, share) -> None:
+        def submit(share) -> None:
+            own = KernelReads.open(kernel.depth // count)
             try:
-                self._keep_in_flight(own, share, ready, buffers, errors)
-            except BaseException as error:
+                keep_in_flight(self, own, share, ready, buffers, errors)
+            except BaseException as error:  # raised by stream, as the placing threads' errors
                 errors.append(error)
             finally:
                 own.close()
 
-        threads = [threading.Thread(target=place, daemon=True) for _ in range(direct_reads.PLACING_THREADS)]
-        submitters = [threading.Thread(target=submit, args=pair) for pair in zip(kernels, shares)]
-        for thread in threads + submitters:
+        submitters = [threading.Thread(target=submit, args=(share,)) for share in shares]
+        for thread in submitters:
             thread.start()
         for thread in submitters:
             thread.join()
-        for _ in threads:
-            ready.put(None)
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
 
-    direct_reads.BlockReads.stream = stream
+    BlockReads._keep_in_flight = split
 
 
 def timed(phases: dict[str, float], name: str, function):
