@@ -12,8 +12,9 @@ distsave's), ``committed`` (`load_model` as it is), or settings of distsave's GP
 by ``+``: ``threads`` (no kernel queue: the threaded block reader), ``depth=N`` (kernel reads in
 flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``held=N`` (chunks
 with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
-polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N submitting threads). Each distsave
-record also has the seconds spent inside ``read_files`` and ``load_model``.
+polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N
+submitting threads). Each distsave record also has the seconds spent inside ``read_files`` and
+``load_model``.
 
 Use ``--cold files`` (the default, as checkpoint_io.py): dropping the whole page cache makes
 fastsafetensors read its own libraries inside its timed load (benchmarks/RESULTS.md, tenth round).
