@@ -13,8 +13,10 @@ by ``+``: ``threads`` (no kernel queue: the threaded block reader), ``depth=N`` 
 flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``held=N`` (chunks
 with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
 polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N
-submitting threads). Each distsave record also has the seconds spent inside ``read_files`` and
-``load_model``.
+submitting threads), ``huge`` (page-locked buffers on transparent huge pages, registered with
+``cudaHostRegister``, instead of ``pin_memory``), ``clock`` (the seconds and calls spent in
+``io_submit`` and ``io_getevents``, recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
+Each distsave record also has the seconds spent inside ``read_files`` and ``load_model``.
 
 Use ``--cold files`` (the default, as checkpoint_io.py): dropping the whole page cache makes
 fastsafetensors read its own libraries inside its timed load (benchmarks/RESULTS.md, tenth round).
@@ -37,7 +39,8 @@ PEERS = {"fst": "fastsafetensors", "fst-distsave": "fst-distsave"}
 
 
 # -- in the step's process ----------------------------------------------------------------------
-SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "submitters")
+SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "submitters",
+            "huge", "clock")
 
 
 def settings(variant: str) -> list[tuple[str, str]]:
@@ -50,8 +53,9 @@ def settings(variant: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def apply_variant(variant: str) -> None:
-    """Set distsave's GPU reader as ``variant`` says, before the step imports anything else."""
+def apply_variant(variant: str, phases: dict[str, float]) -> None:
+    """Set distsave's GPU reader as ``variant`` says, before the step imports anything else;
+    settings that measure something add it to ``phases``."""
     from distsave.saving import direct_reads, tensor_io
 
     for name, value in settings(variant):
@@ -71,6 +75,10 @@ def apply_variant(variant: str) -> None:
             spin_on_reads()
         elif name == "submitters":
             submit_from_threads(int(value))
+        elif name == "huge":
+            pin_on_huge_pages(phases)
+        elif name == "clock":
+            clock_kernel_calls(phases)
 
 
 def spin_on_reads() -> None:
@@ -123,6 +131,53 @@ def submit_from_threads(count: int) -> None:
     BlockReads._keep_in_flight = split
 
 
+def pin_on_huge_pages(phases: dict[str, float]) -> None:
+    """Give the reader page-locked buffers on transparent huge pages (an anonymous mapping
+    advised ``MADV_HUGEPAGE``, registered with ``cudaHostRegister``): ``io_submit`` pins the
+    pages of each read, and 2 MiB pages are 512 times fewer to pin than 4 KiB ones. Records the
+    process's ``AnonHugePages`` after each buffer as ``anon_huge_kib``."""
+    import mmap
+
+    import torch
+
+    from distsave.saving import tensor_io
+
+    huge, regions = 2 << 20, []
+
+    def take(self):
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        region = mmap.mmap(-1, self.size + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region.madvise(mmap.MADV_HUGEPAGE)
+        whole = torch.frombuffer(region, dtype=torch.uint8)
+        buffer = whole[(-whole.data_ptr()) % huge:][:self.size]
+        buffer.fill_(0)
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), self.size, 0))
+        regions.append(region)
+        with open("/proc/self/smaps_rollup") as rollup:
+            phases["anon_huge_kib"] = next(float(line.split()[1]) for line in rollup
+                                           if line.startswith("AnonHugePages:"))
+        return buffer, torch.cuda.Stream(self.device)
+
+    tensor_io._PinnedPool.take = take
+
+
+def clock_kernel_calls(phases: dict[str, float]) -> None:
+    """Add the seconds and number of calls of the kernel queue's ``submit`` and ``reap`` to
+    ``phases``: how busy the one submitting thread is inside system calls."""
+    from distsave.saving.kernel_aio import KernelReads
+
+    for name in ("submit", "reap"):
+        call = getattr(KernelReads, name)
+
+        def counted(*args, _call=call, _name=name):
+            phases[f"{_name}_calls"] = phases.get(f"{_name}_calls", 0) + 1
+            return _call(*args)
+
+        setattr(KernelReads, name, timed(phases, f"{name}_s", counted))
+
+
 def timed(phases: dict[str, float], name: str, function):
     """``function``, adding the seconds each call takes to ``phases[name]``."""
     def run(*args, **kwargs):
@@ -145,14 +200,14 @@ def step(task_json: str) -> None:
     """checkpoint_io_ways' step, with the variant applied and the reader's phases recorded."""
     sys.path.insert(0, str(HERE))
     variant = os.environ.get(VARIANT_ENV, "committed")
+    phases: dict[str, float] = {}
     if variant not in PEERS:
-        apply_variant(variant)
+        apply_variant(variant, phases)
     import distsave
     from distsave.saving import snapshot
 
     import checkpoint_io_ways
 
-    phases: dict[str, float] = {}
     snapshot.read_files = timed(phases, "read_files_s", snapshot.read_files)
     distsave.load_model = timed(phases, "load_model_s", distsave.load_model)
     checkpoint_io_ways.LOADS["fst-distsave"] = load_fastsafetensors_on_distsave
@@ -209,6 +264,8 @@ def main() -> None:
                 print(f"{number} {variant:24} {result.get('status')} {result.get('seconds', 0):.3f} s "
                       f"verified={result.get('verified')} read_files={result.get('read_files_s', 0):.3f} s "
                       f"requests={requests.get('reads')} in_flight={requests.get('mean_in_flight')} "
+                      f"submit={result.get('submit_s', 0):.3f} s reap={result.get('reap_s', 0):.3f} s "
+                      f"huge={result.get('anon_huge_kib')} "
                       f"{result.get('reason') or ''}", flush=True)
     peer = statistics.median(times["fst"]) if times.get("fst") else None
     for variant, seconds in times.items():
