@@ -13,7 +13,7 @@ by ``+``: ``threads`` (no kernel queue: the threaded block reader), ``depth=N`` 
 flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``held=N`` (chunks
 with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
 polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N
-submitting threads; 4 committed), ``huge`` (page-locked buffers on transparent huge pages, registered with
+submitting threads), ``huge`` (page-locked buffers on transparent huge pages, registered with
 ``cudaHostRegister``, instead of ``pin_memory``), ``clock`` (the seconds and calls spent in
 ``io_submit`` and ``io_getevents``, recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
 Each distsave record also has the seconds spent inside ``read_files`` and ``load_model``.
@@ -60,9 +60,9 @@ def apply_variant(variant: str, phases: dict[str, float]) -> None:
 
     for name, value in settings(variant):
         if name == "threads":
-            tensor_io.kernel_queues = lambda: None
+            tensor_io.KernelReads = type("NoKernelReads", (), {"open": staticmethod(lambda depth: None)})
         elif name == "depth":
-            direct_reads.QUEUE_DEPTH = int(value)
+            tensor_io.QUEUE_DEPTH = int(value)
         elif name == "block_kib":
             direct_reads.BLOCK_BYTES = int(value) * 1024
         elif name == "placers":
@@ -74,7 +74,7 @@ def apply_variant(variant: str, phases: dict[str, float]) -> None:
         elif name == "spin":
             spin_on_reads()
         elif name == "submitters":
-            direct_reads.SUBMITTERS = int(value)
+            submit_from_threads(int(value))
         elif name == "huge":
             pin_on_huge_pages(phases)
         elif name == "clock":
@@ -95,6 +95,40 @@ def spin_on_reads() -> None:
         return ended
 
     KernelReads.reap = reap
+
+
+def submit_from_threads(count: int) -> None:
+    """Split the kernel queue among ``count`` submitting threads, each with its own context
+    (its share of the depth) and every ``count``-th chunk, all feeding the same placing threads:
+    what is left of the gap if one thread's turnaround between reads is what costs it."""
+    import collections
+    import threading
+
+    from distsave.saving.direct_reads import BlockReads
+    from distsave.saving.kernel_aio import KernelReads
+
+    keep_in_flight = BlockReads._keep_in_flight
+
+    def split(self, kernel, pending, ready, buffers, errors) -> None:
+        order = {chunk: number for number, chunk in enumerate(dict.fromkeys(chunk for chunk, _ in pending))}
+        shares = [collections.deque(b for b in pending if order[b[0]] % count == i) for i in range(count)]
+
+        def submit(share) -> None:
+            own = KernelReads.open(kernel.depth // count)
+            try:
+                keep_in_flight(self, own, share, ready, buffers, errors)
+            except BaseException as error:  # raised by stream, as the placing threads' errors
+                errors.append(error)
+            finally:
+                own.close()
+
+        submitters = [threading.Thread(target=submit, args=(share,)) for share in shares]
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join()
+
+    BlockReads._keep_in_flight = split
 
 
 def pin_on_huge_pages(phases: dict[str, float]) -> None:
@@ -130,26 +164,18 @@ def pin_on_huge_pages(phases: dict[str, float]) -> None:
 
 
 def clock_kernel_calls(phases: dict[str, float]) -> None:
-    """Add the seconds and number of calls of the kernel queues' ``submit`` and ``reap`` to
-    ``phases`` (summed over the submitting threads): how busy they are inside system calls."""
-    import threading
-
+    """Add the seconds and number of calls of the kernel queue's ``submit`` and ``reap`` to
+    ``phases``: how busy the one submitting thread is inside system calls."""
     from distsave.saving.kernel_aio import KernelReads
 
-    lock = threading.Lock()
     for name in ("submit", "reap"):
         call = getattr(KernelReads, name)
 
         def counted(*args, _call=call, _name=name):
-            start = time.perf_counter()
-            try:
-                return _call(*args)
-            finally:
-                with lock:
-                    phases[f"{_name}_s"] = phases.get(f"{_name}_s", 0.0) + time.perf_counter() - start
-                    phases[f"{_name}_calls"] = phases.get(f"{_name}_calls", 0) + 1
+            phases[f"{_name}_calls"] = phases.get(f"{_name}_calls", 0) + 1
+            return _call(*args)
 
-        setattr(KernelReads, name, counted)
+        setattr(KernelReads, name, timed(phases, f"{name}_s", counted))
 
 
 def timed(phases: dict[str, float], name: str, function):

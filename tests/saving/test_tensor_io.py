@@ -181,22 +181,19 @@ def test_save_and_load_give_the_interpreter_its_gil_switch_interval_back(tmp_pat
 
 
 def _host_pool(nbytes: int, stream=None):
-    """A stand-in for tensor_io._PinnedPool on a machine without a GPU: page-aligned host
-    buffers of ``nbytes`` (whole pages), each given back before it is handed out again."""
+    """A stand-in for tensor_io._PinnedPool on a machine without a GPU: one page-aligned host
+    buffer of ``nbytes`` (whole pages), handed out again and again."""
+    raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
+    aligned = raw[(-raw.data_ptr()) % 4096:][:nbytes]
 
     class HostPool:
-        size, free, lent = nbytes, [], set()
+        size = nbytes
 
         def take(self):
-            if not self.free:
-                raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
-                self.free.append(raw[(-raw.data_ptr()) % 4096:][:nbytes])
-            self.lent.add(self.free[-1].data_ptr())
-            return self.free.pop(), stream
+            return aligned, stream
 
         def give(self, staging):
-            self.lent.remove(staging[0].data_ptr())
-            self.free.append(staging[0])
+            assert staging[0] is aligned
 
     return HostPool()
 
@@ -247,7 +244,7 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
                 kernel = KernelReads.open(depth=2)
                 if kernel is None:
                     pytest.skip("this system refuses kernel asynchronous reads (io_setup)")
-                reader.stream([kernel], blocks)
+                reader.stream(kernel, blocks)
             assert len(digests) == 1 and (digests[0] is None or torch.equal(bias_into, bias))
             return digests[0], into, file
         finally:
@@ -269,46 +266,6 @@ def test_block_reads_place_and_hash_a_chunk_as_the_buffered_read_does(tmp_path, 
 
     with pytest.raises(RuntimeError, match="placing failed"):  # reaches the caller, reads stop
         read(done=fail)
-
-
-def test_submitting_threads_share_a_stream_and_read_every_chunk_whole(tmp_path, monkeypatch):
-    """A GPU load's kernel queue is split among threads, each taking every other chunk: each
-    chunk still comes whole into a buffer of its own, is hashed as it is on disk and placed,
-    and every thread's kernel context is closed at the end."""
-    import contextlib
-    import os
-
-    from distsave.saving import direct_reads, tensor_io
-
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(direct_reads, "SUBMITTERS", 2)
-    monkeypatch.setattr(direct_reads, "QUEUE_DEPTH", 4)
-    chunk, count = 3 * direct_reads.BLOCK_BYTES // 2, 5  # blocks cross chunk ends
-    data = torch.randint(0, 256, (chunk * count,), dtype=torch.uint8)
-    path = tmp_path / "w.bin"
-    path.write_bytes(data.numpy().tobytes())
-    kernels = direct_reads.kernel_queues()
-    if kernels is None:
-        pytest.skip("this system refuses kernel asynchronous reads (io_setup)")
-    stream = type("NoStream", (), {"synchronize": lambda self: None})()
-    reader = direct_reads.BlockReads(_host_pool(chunk, stream), XXH3_128)
-    into = torch.zeros_like(data)
-    digests: dict[int, str] = {}
-    fd = os.open(path, os.O_RDONLY)
-    direct = direct_reads.open_direct(fd)
-    try:
-        blocks = []
-        for number in range(count):
-            piece = tensor_io.Piece(number * chunk, chunk, into[number * chunk:(number + 1) * chunk], 0)
-            blocks += reader.blocks(direct, number * chunk, (number + 1) * chunk, [piece],
-                                    lambda digest, number=number: digests.__setitem__(number, digest))
-        reader.stream(kernels, blocks)
-    finally:
-        os.close(direct)
-        os.close(fd)
-    assert digests == {n: XXH3_128.of(data[n * chunk:(n + 1) * chunk].numpy().tobytes()) for n in range(count)}
-    assert torch.equal(into, data)
-    assert len(kernels) == 2 and not any(kernel._context.value for kernel in kernels)
 
 
 @pytest.mark.parametrize("engine", ["threads", "kernel"])
@@ -345,7 +302,7 @@ def test_a_failed_direct_read_names_the_file(tmp_path, monkeypatch, engine):
         disk = FailingDisk()
         with pytest.raises(OSError, match="while reading for a load onto a GPU") as raised:
             if engine == "kernel":
-                reader.stream([disk], blocks)
+                reader.stream(disk, blocks)
             else:
                 monkeypatch.setattr(direct_reads.os, "preadv", failing_preadv)
                 reader.read(blocks[0])

@@ -4,16 +4,12 @@ buffers, as one stream of consecutive blocks.
 The chunk stays what is hashed and checked; the block is what is read. fastsafetensors reads
 this way (16 threads, 512 KiB blocks from one queue, in file order) and loaded the device
 machine's disk faster than distsave's thread per 16 MiB chunk did. The blocks are kept in flight
-by the kernel (`kernel_aio`, `BlockReads.stream`: a few threads submit, a few hash and place),
-or, where the kernel refuses that, read by threads that take them in turn (`BlockReads.read`).
-Whoever completes a chunk's last block hashes the chunk and copies its pieces to their devices.
-
-Why several submitting threads: that disk ends its reads in bursts (one wake-up of the
-submitting thread reaped 15.6 of its 16 reads on average), and each ``io_submit`` takes ~30 µs
-(it pins the buffer's pages), so one thread refilled the queue in ~0.5 ms per burst while
-fastsafetensors' 16 threads refill it at once. On the device machine, one submitting thread came
-within 0.84-0.99x of fastsafetensors' time, four within 1.00-1.02x (benchmarks/RESULTS.md, ninth
-to twelfth rounds).
+by the kernel (`kernel_aio`, `BlockReads.stream`: one thread submits, a few hash and place), or,
+where the kernel refuses that, read by threads that take them in turn (`BlockReads.read`).
+On the device machine, Python threads came within 0.77-0.99x of fastsafetensors' time and the
+kernel's queue within 0.84-0.99x, with the disk seeing fastsafetensors' request shape
+(benchmarks/RESULTS.md, ninth to eleventh rounds). Whoever completes a chunk's last block hashes
+the chunk and copies its pieces to their devices.
 """
 
 from __future__ import annotations
@@ -29,18 +25,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kernel_aio import KernelReads
-
 if TYPE_CHECKING:
     from .checksum import Checksum
+    from .kernel_aio import KernelReads
     from .tensor_io import Piece, _PinnedPool
 
-__all__ = ["ALIGNMENT", "BLOCK_BYTES", "BlockReads", "kernel_queues", "open_direct", "page_span"]
+__all__ = ["ALIGNMENT", "BLOCK_BYTES", "BlockReads", "open_direct", "page_span"]
 
 BLOCK_BYTES = 512 * 1024
 ALIGNMENT = 4096  # offsets and lengths of O_DIRECT reads: a page (a multiple of any block)
 QUEUE_DEPTH = 16  # kernel reads in flight, as fastsafetensors' 16 threads keep (8 MiB of 512 KiB blocks)
-SUBMITTERS = 4  # threads that keep them in flight, QUEUE_DEPTH // SUBMITTERS each
 PLACING_THREADS = 4  # hash + copy to the device: ~2 ms per 16 MiB chunk, ~8 chunks/s per GB/s
 HELD_CHUNKS = 16  # chunks with a buffer at once: those read into plus those waiting to be placed
 
@@ -49,17 +43,6 @@ def page_span(length: int) -> int:
     """``length`` bytes rounded up to whole pages: what direct reads of them cover, and so the
     size a buffer needs to take them."""
     return -(-length // ALIGNMENT) * ALIGNMENT
-
-
-def kernel_queues() -> list[KernelReads] | None:
-    """`SUBMITTERS` kernel queues of `QUEUE_DEPTH` // `SUBMITTERS` reads in flight each, one
-    per submitting thread of `BlockReads.stream`; None where the system refuses one of them."""
-    queues = [KernelReads.open(QUEUE_DEPTH // SUBMITTERS) for _ in range(SUBMITTERS)]
-    if None in queues:
-        for opened in filter(None, queues):
-            opened.close()
-        return None
-    return queues
 
 
 def open_direct(fd: int) -> int | None:
@@ -153,18 +136,13 @@ class BlockReads:
                 return
         self._finish(chunk)
 
-    def stream(self, kernels: list[KernelReads], blocks: list[tuple[_Chunk, int]]) -> None:
-        """Read ``blocks`` (as `BlockReads.blocks` gives them) with each of ``kernels`` kept full
-        by a thread of its own, which takes every ``len(kernels)``-th chunk in order;
-        `PLACING_THREADS` hash and place each chunk once its last block is in. At most
-        `HELD_CHUNKS` chunks hold a buffer at once. The kernels are closed on the way out."""
+    def stream(self, kernel: KernelReads, blocks: list[tuple[_Chunk, int]]) -> None:
+        """Read ``blocks`` (as `BlockReads.blocks` gives them), in their order, with ``kernel``
+        keeping its depth of reads in flight from one thread; `PLACING_THREADS` hash and place
+        each chunk once its last block is in. At most `HELD_CHUNKS` chunks hold a buffer at once."""
         ready: queue.SimpleQueue[_Chunk | None] = queue.SimpleQueue()
         buffers = threading.BoundedSemaphore(HELD_CHUNKS)
         errors: list[BaseException] = []
-        turn = {chunk: number % len(kernels)
-                for number, chunk in enumerate(dict.fromkeys(chunk for chunk, _ in blocks))}
-        shares = [collections.deque(block for block in blocks if turn[block[0]] == own)
-                  for own in range(len(kernels))]
 
         def place() -> None:
             while (chunk := ready.get()) is not None:
@@ -176,22 +154,13 @@ class BlockReads:
                 finally:
                     buffers.release()
 
-        def submit(kernel: KernelReads, share: collections.deque[tuple[_Chunk, int]]) -> None:
-            try:
-                self._keep_in_flight(kernel, share, ready, buffers, errors)
-            except BaseException as error:  # raised by the caller below
-                errors.append(error)
-
         placers = [threading.Thread(target=place, daemon=True) for _ in range(PLACING_THREADS)]
-        submitters = [threading.Thread(target=submit, args=pair, daemon=True) for pair in zip(kernels, shares)]
-        for thread in placers + submitters:
+        for thread in placers:
             thread.start()
         try:
-            for thread in submitters:
-                thread.join()
+            self._keep_in_flight(kernel, collections.deque(blocks), ready, buffers, errors)
         finally:
-            for kernel in kernels:
-                kernel.close()
+            kernel.close()
             for _ in placers:
                 ready.put(None)
             for thread in placers:

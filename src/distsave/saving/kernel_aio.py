@@ -1,8 +1,8 @@
 """Linux kernel asynchronous reads (``io_submit``/``io_getevents``), called through ctypes.
 
-A thread keeps a fixed number of ``O_DIRECT`` reads in flight without a thread per read: it
+One thread keeps a fixed number of ``O_DIRECT`` reads in flight without a thread per read: it
 only reaps and resubmits, so no read waits for a busy reading thread to get the interpreter
-back (`direct_reads.BlockReads.stream` runs a few such threads, a context each). On the device machine's disk, Python threads reading 512 KiB blocks had 9-30 requests in
+back. On the device machine's disk, Python threads reading 512 KiB blocks had 9-30 requests in
 flight where fastsafetensors' C++ threads keep 16; this queue keeps 16 (15.0 on the disk against
 fastsafetensors' 15.8; benchmarks/RESULTS.md, tenth round). The system calls are made directly
 (no libaio, no compiled extension); where the kernel or a sandbox refuses them,

@@ -32,9 +32,10 @@ import torch
 
 from .. import _libc
 from .checksum import WRITTEN, Checksum
-from .direct_reads import BlockReads, kernel_queues, open_direct, page_span
+from .direct_reads import QUEUE_DEPTH, BlockReads, open_direct, page_span
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
+from .kernel_aio import KernelReads
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
            "failed_chunks", "flat_bytes", "in_turn", "io_threads", "layout", "parse_header", "read_files", "reserve",
@@ -576,16 +577,16 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
             block_reads.extend(in_blocks)
         else:
             chunk_reads.append(number)
-    kernels = kernel_queues() if block_reads else None
-    if kernels is not None:  # one job of the pool: chunks read another way overlap the stream
-        block_jobs = [(lambda reads: blocks.stream(kernels, reads), block_reads)]
+    kernel = KernelReads.open(QUEUE_DEPTH) if block_reads else None
+    if kernel is not None:  # one job of the pool: chunks read another way overlap the stream
+        block_jobs = [(lambda reads: blocks.stream(kernel, reads), block_reads)]
     else:
         block_jobs = [(blocks.read, block) for block in block_reads]
     try:
         run_parallel(lambda read: read[0](read[1]), block_jobs + [(read_chunk, n) for n in chunk_reads],
                      workers=io_threads(per_core=2) if devices else None)
     finally:
-        for kernel in kernels or ():
+        if kernel is not None:
             kernel.close()
         for fd in direct:
             if fd is not None:
