@@ -13,7 +13,8 @@ by ``+``: ``threads`` (no kernel queue: the threaded block reader), ``depth=N`` 
 flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``held=N`` (chunks
 with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
 polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N
-submitting threads), ``huge`` (page-locked buffers on transparent huge pages, registered with
+submitting threads, every N-th chunk each), ``ordered=N`` (N submitting threads, a kernel
+context each, that take the next blocks of one queue in file order), ``huge`` (page-locked buffers on transparent huge pages, registered with
 ``cudaHostRegister``, instead of ``pin_memory``), ``clock`` (the seconds and calls spent in
 ``io_submit`` and ``io_getevents``, recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
 Each distsave record also has the seconds spent inside ``read_files`` and ``load_model``.
@@ -40,7 +41,7 @@ PEERS = {"fst": "fastsafetensors", "fst-distsave": "fst-distsave"}
 
 # -- in the step's process ----------------------------------------------------------------------
 SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "submitters",
-            "huge", "clock")
+            "ordered", "huge", "clock")
 
 
 def settings(variant: str) -> list[tuple[str, str]]:
@@ -75,6 +76,8 @@ def apply_variant(variant: str, phases: dict[str, float]) -> None:
             spin_on_reads()
         elif name == "submitters":
             submit_from_threads(int(value))
+        elif name == "ordered":
+            submit_in_order_from_threads(int(value))
         elif name == "huge":
             pin_on_huge_pages(phases)
         elif name == "clock":
@@ -129,6 +132,83 @@ def submit_from_threads(count: int) -> None:
             thread.join()
 
     BlockReads._keep_in_flight = split
+
+
+def submit_in_order_from_threads(count: int) -> None:
+    """Split the kernel queue among ``count`` threads, each with its own context (its share of
+    the depth), that all take the next blocks of the one queue in file order: a refill after
+    the disk ends a burst of reads runs ``count`` ways at once while the disk still sees the
+    file in order (as fastsafetensors' threads ask for it), unlike ``submitters``."""
+    import threading
+
+    from distsave.saving.direct_reads import BLOCK_BYTES, BlockReads
+    from distsave.saving.kernel_aio import KernelReads
+
+    def shared(self, kernel, pending, ready, buffers, errors) -> None:
+        lock = threading.Lock()
+
+        def ended(chunk) -> None:
+            with lock:
+                chunk.blocks_left -= 1
+                complete = not chunk.blocks_left
+            if complete:
+                ready.put(chunk)
+
+        def next_block(permit: list[bool]):
+            """The next block, its chunk staged; None once the queue is empty, "wait" where a
+            chunk needs a buffer and none is free (the caller reaps, or blocks for one)."""
+            with lock:
+                if not pending:
+                    return None
+                chunk, at = pending[0]
+                if chunk.staging is None:
+                    if not (permit[0] or buffers.acquire(blocking=False)):
+                        return "wait"
+                    permit[0] = False
+                    self._stage(chunk)
+                return pending.popleft()
+
+        def run() -> None:
+            own, permit = KernelReads.open(kernel.depth // count), [False]
+            free, in_flight = list(range(own.depth)), {}
+            try:
+                while not errors:
+                    while free and (block := next_block(permit)) not in (None, "wait"):
+                        chunk, at = block
+                        length = min(BLOCK_BYTES, chunk.span - at)
+                        if chunk.refused:
+                            ended(chunk)
+                            continue
+                        slot = free.pop()
+                        own.submit(slot, chunk.fd, chunk.staging[0].data_ptr() + at, length, chunk.start + at)
+                        in_flight[slot] = (chunk, at, length)
+                    if not in_flight:
+                        if block is None:
+                            return
+                        while not buffers.acquire(timeout=0.05):  # for the next chunk it stages
+                            if errors:  # another thread stopped: its chunks may never free theirs
+                                return
+                        permit[0] = True
+                        continue
+                    for slot, result in own.reap(1):
+                        chunk, at, length = in_flight.pop(slot)
+                        free.append(slot)
+                        chunk.read_ended(at, length, result)
+                        ended(chunk)
+            except BaseException as error:  # raised by stream, as the placing threads' errors
+                errors.append(error)
+            finally:
+                own.close()
+                if permit[0]:
+                    buffers.release()
+
+        threads = [threading.Thread(target=run) for _ in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    BlockReads._keep_in_flight = shared
 
 
 def pin_on_huge_pages(phases: dict[str, float]) -> None:
