@@ -14,9 +14,10 @@ flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``
 with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
 polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N
 submitting threads, every N-th chunk each), ``ordered=N`` (N submitting threads, a kernel
-context each, that take the next blocks of one queue in file order), ``huge`` (page-locked buffers on transparent huge pages, registered with
-``cudaHostRegister``, instead of ``pin_memory``), ``clock`` (the seconds and calls spent in
-``io_submit`` and ``io_getevents``, recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
+context each, that take the next blocks of one queue in file order), ``huge`` (page-locked
+buffers on transparent huge pages, registered with ``cudaHostRegister``, instead of
+``pin_memory``), ``clock`` (the seconds and calls spent in ``io_submit`` and ``io_getevents``,
+recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
 Each distsave record also has the seconds spent inside ``read_files`` and ``load_model``.
 
 Use ``--cold files`` (the default, as checkpoint_io.py): dropping the whole page cache makes
