@@ -16,7 +16,8 @@ polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue s
 submitting threads, every N-th chunk each), ``ordered=N`` (N submitting threads, a kernel
 context each, that take the next blocks of one queue in file order), ``huge`` (page-locked
 buffers on transparent huge pages, registered with ``cudaHostRegister``, instead of
-``pin_memory``), ``clock`` (the seconds and calls spent in ``io_submit`` and ``io_getevents``,
+``pin_memory``), ``uring`` (``io_uring`` with the buffers registered instead of kernel AIO:
+`uring_reads`), ``clock`` (the seconds and calls spent in ``io_submit`` and ``io_getevents``,
 recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
 Each distsave record also has the seconds spent inside ``read_files`` and ``load_model``.
 
@@ -42,7 +43,7 @@ PEERS = {"fst": "fastsafetensors", "fst-distsave": "fst-distsave"}
 
 # -- in the step's process ----------------------------------------------------------------------
 SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "submitters",
-            "ordered", "huge", "clock")
+            "ordered", "huge", "uring", "clock")
 
 
 def settings(variant: str) -> list[tuple[str, str]]:
@@ -81,6 +82,8 @@ def apply_variant(variant: str, phases: dict[str, float]) -> None:
             submit_in_order_from_threads(int(value))
         elif name == "huge":
             pin_on_huge_pages(phases)
+        elif name == "uring":
+            read_through_uring()
         elif name == "clock":
             clock_kernel_calls(phases)
 
@@ -109,7 +112,6 @@ def submit_from_threads(count: int) -> None:
     import threading
 
     from distsave.saving.direct_reads import BlockReads
-    from distsave.saving.kernel_aio import KernelReads
 
     keep_in_flight = BlockReads._keep_in_flight
 
@@ -118,7 +120,7 @@ def submit_from_threads(count: int) -> None:
         shares = [collections.deque(b for b in pending if order[b[0]] % count == i) for i in range(count)]
 
         def submit(share) -> None:
-            own = KernelReads.open(kernel.depth // count)
+            own = type(kernel).open(kernel.depth // count)
             try:
                 keep_in_flight(self, own, share, ready, buffers, errors)
             except BaseException as error:  # raised by stream, as the placing threads' errors
@@ -143,7 +145,6 @@ def submit_in_order_from_threads(count: int) -> None:
     import threading
 
     from distsave.saving.direct_reads import BLOCK_BYTES, BlockReads
-    from distsave.saving.kernel_aio import KernelReads
 
     def shared(self, kernel, pending, ready, buffers, errors) -> None:
         lock = threading.Lock()
@@ -170,7 +171,7 @@ def submit_in_order_from_threads(count: int) -> None:
                 return pending.popleft()
 
         def run() -> None:
-            own, permit = KernelReads.open(kernel.depth // count), [False]
+            own, permit = type(kernel).open(kernel.depth // count), [False]
             free, in_flight = list(range(own.depth)), {}
             try:
                 while not errors:
@@ -242,6 +243,27 @@ def pin_on_huge_pages(phases: dict[str, float]) -> None:
         return buffer, torch.cuda.Stream(self.device)
 
     tensor_io._PinnedPool.take = take
+
+
+def read_through_uring() -> None:
+    """Keep the reads in flight through ``io_uring`` (`uring_reads.UringReads`) instead of
+    kernel AIO, each buffer registered with the ring the first time a chunk is read into it."""
+    import bisect
+
+    import uring_reads
+
+    from distsave.saving import direct_reads, tensor_io
+
+    stage = direct_reads.BlockReads._stage
+
+    def registered(self, chunk) -> None:
+        stage(self, chunk)
+        buffer = (chunk.staging[0].data_ptr(), chunk.staging[0].numel())
+        if buffer not in uring_reads.BUFFERS:
+            bisect.insort(uring_reads.BUFFERS, buffer)
+
+    tensor_io.KernelReads = uring_reads.UringReads
+    direct_reads.BlockReads._stage = registered
 
 
 def clock_kernel_calls(phases: dict[str, float]) -> None:
