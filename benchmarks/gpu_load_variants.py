@@ -57,11 +57,12 @@ def settings(variant: str) -> list[tuple[str, str]]:
 
 
 def apply_variant(variant: str, phases: dict[str, float]) -> None:
-    """Set distsave's GPU reader as ``variant`` says, before the step imports anything else;
-    settings that measure something add it to ``phases``."""
+    """Set distsave's GPU reader as ``variant`` says, before the step imports anything else,
+    the settings in the order of `SETTINGS` whatever their order in ``variant`` (``clock``
+    times the reader ``uring`` chose); settings that measure something add it to ``phases``."""
     from distsave.saving import direct_reads, tensor_io
 
-    for name, value in settings(variant):
+    for name, value in sorted(settings(variant), key=lambda pair: SETTINGS.index(pair[0])):
         if name == "threads":
             tensor_io.KernelReads = type("NoKernelReads", (), {"open": staticmethod(lambda depth: None)})
         elif name == "depth":
@@ -267,18 +268,27 @@ def read_through_uring() -> None:
 
 
 def clock_kernel_calls(phases: dict[str, float]) -> None:
-    """Add the seconds and number of calls of the kernel queue's ``submit`` and ``reap`` to
-    ``phases``: how busy the one submitting thread is inside system calls."""
-    from distsave.saving.kernel_aio import KernelReads
+    """Add the seconds and number of calls of the queue's ``submit`` and ``reap`` (kernel AIO,
+    or ``io_uring`` after ``uring``) to ``phases``, summed over the submitting threads: how busy
+    they are inside system calls."""
+    import threading
 
+    from distsave.saving import tensor_io
+
+    lock = threading.Lock()
     for name in ("submit", "reap"):
-        call = getattr(KernelReads, name)
+        call = getattr(tensor_io.KernelReads, name)
 
         def counted(*args, _call=call, _name=name):
-            phases[f"{_name}_calls"] = phases.get(f"{_name}_calls", 0) + 1
-            return _call(*args)
+            start = time.perf_counter()
+            try:
+                return _call(*args)
+            finally:
+                with lock:
+                    phases[f"{_name}_s"] = phases.get(f"{_name}_s", 0.0) + time.perf_counter() - start
+                    phases[f"{_name}_calls"] = phases.get(f"{_name}_calls", 0) + 1
 
-        setattr(KernelReads, name, timed(phases, f"{name}_s", counted))
+        setattr(tensor_io.KernelReads, name, counted)
 
 
 def timed(phases: dict[str, float], name: str, function):
