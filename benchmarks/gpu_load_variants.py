@@ -84,7 +84,7 @@ def apply_variant(variant: str, phases: dict[str, float]) -> None:
         elif name == "huge":
             pin_on_huge_pages(phases)
         elif name == "uring":
-            read_through_uring()
+            read_through_uring(phases)
         elif name == "clock":
             clock_kernel_calls(phases)
 
@@ -246,9 +246,10 @@ def pin_on_huge_pages(phases: dict[str, float]) -> None:
     tensor_io._PinnedPool.take = take
 
 
-def read_through_uring() -> None:
+def read_through_uring(phases: dict[str, float]) -> None:
     """Keep the reads in flight through ``io_uring`` (`uring_reads.UringReads`) instead of
-    kernel AIO, each buffer registered with the ring the first time a chunk is read into it."""
+    kernel AIO, each buffer registered with the ring the first time a chunk is read into it;
+    how many were registered, or refused, goes to ``phases``."""
     import bisect
 
     import uring_reads
@@ -265,6 +266,7 @@ def read_through_uring() -> None:
 
     tensor_io.KernelReads = uring_reads.UringReads
     direct_reads.BlockReads._stage = registered
+    uring_reads.COUNTS = phases
 
 
 def clock_kernel_calls(phases: dict[str, float]) -> None:

@@ -31,6 +31,9 @@ _libc.syscall.restype = ctypes.c_long
 # (data pointer, size) of every page-locked buffer the load made, sorted; filled by whoever
 # makes them (`gpu_load_variants.register_uring_buffers` wraps the pool's `take`)
 BUFFERS: list[tuple[int, int]] = []
+# buffers registered and refused by the last ring, for the probe's record (`gpu_load_variants`
+# hands its phases in)
+COUNTS: dict[str, float] = {}
 
 
 class _Offsets(ctypes.Structure):
@@ -103,6 +106,7 @@ class UringReads:
         self._cqes = (_Cqe * params.cq_entries).from_buffer(self._ring, cq.dropped_or_cqes)
         self._sqe_entries = (_Sqe * params.sq_entries).from_buffer(self._sqes)
         self._registered: list[tuple[int, int]] = []  # (data pointer, size) at its table index
+        self._refused: set[tuple[int, int]] = set()  # buffers the kernel would not register
         self._in_flight = 0
         table = _RsrcRegister(nr=_TABLE, flags=_SPARSE)
         _call(_REGISTER, ctypes.c_uint(fd), ctypes.c_uint(_BUFFERS2), ctypes.byref(table),
@@ -131,13 +135,20 @@ class UringReads:
             if start <= address and address + length <= start + size:
                 return index
         at = bisect.bisect_right(BUFFERS, (address, float("inf"))) - 1
-        if at < 0 or address + length > sum(BUFFERS[at]) or len(self._registered) == _TABLE:
+        if (at < 0 or address + length > sum(BUFFERS[at]) or BUFFERS[at] in self._refused
+                or len(self._registered) == _TABLE):
             return None
         vector = _Iovec(BUFFERS[at][0], BUFFERS[at][1])
         update = _RsrcUpdate(offset=len(self._registered), data=ctypes.addressof(vector), nr=1)
-        _call(_REGISTER, ctypes.c_uint(self._fd), ctypes.c_uint(_BUFFERS_UPDATE), ctypes.byref(update),
-              ctypes.c_uint(ctypes.sizeof(update)))
+        try:
+            _call(_REGISTER, ctypes.c_uint(self._fd), ctypes.c_uint(_BUFFERS_UPDATE), ctypes.byref(update),
+                  ctypes.c_uint(ctypes.sizeof(update)))
+        except OSError:  # memory the kernel will not pin for long (as some drivers' mappings)
+            self._refused.add(BUFFERS[at])
+            COUNTS["uring_refused_buffers"] = len(self._refused)
+            return None
         self._registered.append(BUFFERS[at])
+        COUNTS["uring_registered_buffers"] = len(self._registered)
         return len(self._registered) - 1
 
     def submit(self, slot: int, fd: int, address: int, length: int, offset: int) -> None:
