@@ -578,7 +578,7 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
         else:
             chunk_reads.append(number)
     kernel = KernelReads.open(QUEUE_DEPTH) if block_reads else None
-    if kernel is not None:  # one job of the pool: chunks read another way overlap the stream
+    if kernel is not None:  # one job of the pool, which closes the kernel: chunks read another way overlap it
         block_jobs = [(lambda reads: blocks.stream(kernel, reads), block_reads)]
     else:
         block_jobs = [(blocks.read, block) for block in block_reads]
@@ -586,8 +586,6 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
         run_parallel(lambda read: read[0](read[1]), block_jobs + [(read_chunk, n) for n in chunk_reads],
                      workers=io_threads(per_core=2) if devices else None)
     finally:
-        if kernel is not None:
-            kernel.close()
         for fd in direct:
             if fd is not None:
                 os.close(fd)
