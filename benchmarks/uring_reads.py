@@ -18,6 +18,8 @@ import mmap
 import os
 import platform
 
+from distsave import _libc
+
 _SETUP, _ENTER, _REGISTER = 425, 426, 427
 _READ_FIXED, _READ = 4, 22
 _GETEVENTS = 1
@@ -25,11 +27,10 @@ _BUFFERS2, _BUFFERS_UPDATE, _SPARSE = 15, 16, 1
 _OFF_SQES = 0x10000000
 _TABLE = 64  # registered buffers at most
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_syscall = _libc.function("syscall", [ctypes.c_long])
 
-# (data pointer, size) of every page-locked buffer the load made, sorted; filled by whoever
-# makes them (`gpu_load_variants.register_uring_buffers` wraps the pool's `take`)
+# (data pointer, size) of every page-locked buffer the load read into, sorted; filled by
+# `gpu_load_variants.read_through_uring`, which wraps `BlockReads._stage`
 BUFFERS: list[tuple[int, int]] = []
 # buffers registered and refused by the last ring, for the probe's record (`gpu_load_variants`
 # hands its phases in)
@@ -80,7 +81,7 @@ class _Iovec(ctypes.Structure):
 
 def _call(number: int, *args) -> int:
     while True:
-        got = _libc.syscall(ctypes.c_long(number), *args)
+        got = _syscall(ctypes.c_long(number), *args)
         if got >= 0:
             return got
         code = ctypes.get_errno()
@@ -115,7 +116,7 @@ class UringReads:
     @classmethod
     def open(cls, depth: int) -> UringReads | None:
         """A ring for ``depth`` reads in flight, or None where this system has none."""
-        if platform.machine() != "x86_64":
+        if platform.machine() != "x86_64" or _syscall is None:
             return None
         params = _Params()
         try:
