@@ -14,9 +14,9 @@ flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``
 with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
 polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N
 submitting threads, every N-th chunk each), ``ordered=N`` (N submitting threads, a kernel
-context each, that take the next blocks of one queue in file order), ``huge`` (page-locked
-buffers on transparent huge pages, registered with ``cudaHostRegister``, instead of
-``pin_memory``), ``uring`` (``io_uring`` with the buffers registered instead of kernel AIO:
+context each, that take the next blocks of one queue in file order), ``pin_memory`` (staging
+buffers from ``pin_memory`` on 4 KiB pages, as before the thirteenth round, instead of
+huge pages registered with CUDA: `distsave.saving.pinned`), ``uring`` (``io_uring`` with the buffers registered instead of kernel AIO:
 `uring_reads`), ``clock`` (the seconds and calls spent in ``io_submit`` and ``io_getevents``,
 recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
 Each distsave record also has the seconds spent inside ``read_files`` and ``load_model``.
@@ -43,7 +43,7 @@ PEERS = {"fst": "fastsafetensors", "fst-distsave": "fst-distsave"}
 
 # -- in the step's process ----------------------------------------------------------------------
 SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "submitters",
-            "ordered", "huge", "uring", "clock")
+            "ordered", "pin_memory", "uring", "clock")
 
 
 def settings(variant: str) -> list[tuple[str, str]]:
@@ -81,8 +81,9 @@ def apply_variant(variant: str, phases: dict[str, float]) -> None:
             submit_from_threads(int(value))
         elif name == "ordered":
             submit_in_order_from_threads(int(value))
-        elif name == "huge":
-            pin_on_huge_pages(phases)
+        elif name == "pin_memory":
+            from distsave.saving import pinned
+            del pinned.mmap.MADV_HUGEPAGE  # this process only: `PinnedPool` falls back to pin_memory
         elif name == "uring":
             read_through_uring(phases)
         elif name == "clock":
@@ -212,38 +213,6 @@ def submit_in_order_from_threads(count: int) -> None:
             thread.join()
 
     BlockReads._keep_in_flight = shared
-
-
-def pin_on_huge_pages(phases: dict[str, float]) -> None:
-    """Give the reader page-locked buffers on transparent huge pages (an anonymous mapping
-    advised ``MADV_HUGEPAGE``, registered with ``cudaHostRegister``): ``io_submit`` pins the
-    pages of each read, and 2 MiB pages are 512 times fewer to pin than 4 KiB ones. Records the
-    process's ``AnonHugePages`` after each buffer as ``anon_huge_kib``."""
-    import mmap
-
-    import torch
-
-    from distsave.saving import tensor_io
-
-    huge, regions = 2 << 20, []
-
-    def take(self):
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        region = mmap.mmap(-1, self.size + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(mmap.MADV_HUGEPAGE)
-        whole = torch.frombuffer(region, dtype=torch.uint8)
-        buffer = whole[(-whole.data_ptr()) % huge:][:self.size]
-        buffer.fill_(0)
-        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), self.size, 0))
-        regions.append(region)
-        with open("/proc/self/smaps_rollup") as rollup:
-            phases["anon_huge_kib"] = next(float(line.split()[1]) for line in rollup
-                                           if line.startswith("AnonHugePages:"))
-        return buffer, torch.cuda.Stream(self.device)
-
-    tensor_io._PinnedPool.take = take
 
 
 def read_through_uring(phases: dict[str, float]) -> None:
@@ -380,7 +349,6 @@ def main() -> None:
                       f"verified={result.get('verified')} read_files={result.get('read_files_s', 0):.3f} s "
                       f"requests={requests.get('reads')} in_flight={requests.get('mean_in_flight')} "
                       f"submit={result.get('submit_s', 0):.3f} s reap={result.get('reap_s', 0):.3f} s "
-                      f"huge={result.get('anon_huge_kib')} "
                       f"{result.get('reason') or ''}", flush=True)
     peer = statistics.median(times["fst"]) if times.get("fst") else None
     for variant, seconds in times.items():

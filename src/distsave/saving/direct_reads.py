@@ -28,7 +28,8 @@ import torch
 if TYPE_CHECKING:
     from .checksum import Checksum
     from .kernel_aio import KernelReads
-    from .tensor_io import Piece, _PinnedPool
+    from .pinned import PinnedPool
+    from .tensor_io import Piece
 
 __all__ = ["ALIGNMENT", "BLOCK_BYTES", "BlockReads", "open_direct", "page_span"]
 
@@ -96,9 +97,9 @@ class _Chunk:
 class BlockReads:
     """Chunks read block by block, by any number of threads at once (`read`) or kept in flight
     by the kernel (`stream`), through buffers of ``pool`` (page-locked, a CUDA stream each;
-    `tensor_io._PinnedPool`)."""
+    `pinned.PinnedPool`)."""
 
-    def __init__(self, pool: _PinnedPool, checksum: Checksum):
+    def __init__(self, pool: PinnedPool, checksum: Checksum):
         self._pool, self._checksum = pool, checksum
         self._lock = threading.Lock()
 

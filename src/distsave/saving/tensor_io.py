@@ -36,6 +36,7 @@ from .direct_reads import QUEUE_DEPTH, BlockReads, open_direct, page_span
 from .errors import ArtifactError
 from .format import HASH_CHUNK_BYTES, MAX_NAME_LENGTH, MAX_SAFETENSORS_HEADER_BYTES, TENSOR_ALIGNMENT
 from .kernel_aio import KernelReads
+from .pinned import PinnedPool
 
 __all__ = ["DTYPES", "FileRecord", "Piece", "Segment", "TensorEntry", "TensorFile", "alongside", "chunk_digests",
            "failed_chunks", "flat_bytes", "in_turn", "io_threads", "layout", "parse_header", "read_files", "reserve",
@@ -161,28 +162,7 @@ def _segments(pieces: list[Piece], chunk: int) -> Iterator[list[Piece]]:
         yield current
 
 
-class _PinnedPool:
-    """Reusable page-locked buffers, each with its own CUDA stream, for device <-> host copies
-    that several threads run at once."""
-
-    def __init__(self, device: torch.device, size: int):
-        self.device, self.size = device, size
-        self._free: list[tuple[torch.Tensor, torch.cuda.Stream]] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> tuple[torch.Tensor, torch.cuda.Stream]:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return (torch.empty(self.size, dtype=torch.uint8, pin_memory=True),
-                torch.cuda.Stream(self.device))
-
-    def give(self, staging: tuple[torch.Tensor, torch.cuda.Stream]) -> None:
-        with self._lock:
-            self._free.append(staging)
-
-
-def _host_views(pieces: list[Piece], pool: _PinnedPool | None) -> tuple[list[memoryview], tuple | None]:
+def _host_views(pieces: list[Piece], pool: PinnedPool | None) -> tuple[list[memoryview], tuple | None]:
     """Host memory for each piece: bytes and CPU tensors as they are, device tensors through
     one pinned buffer (returned, to give back to the pool once written)."""
     staging, used, places = None, 0, []
@@ -276,7 +256,7 @@ def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
     inside one file (ext4 holds the file's lock), not across files.
     """
     devices = {p.source.device for _, pieces in files for p in pieces if p.on_device}
-    pool = _PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
+    pool = PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
 
     def write_segment(job: tuple[int, int, list[Piece]]) -> Segment:
         _, fd, segment = job
@@ -296,8 +276,12 @@ def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
                 for index, (fd, pieces) in enumerate(files)]
     jobs = in_turn(per_file)
     written: list[list[Segment]] = [[] for _ in files]
-    for (index, _, _), segment in zip(jobs, run_parallel(write_segment, jobs)):
-        written[index].append(segment)
+    try:
+        for (index, _, _), segment in zip(jobs, run_parallel(write_segment, jobs)):
+            written[index].append(segment)
+    finally:
+        if pool is not None:
+            pool.close()
     return written
 
 
@@ -551,7 +535,7 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
         largest = max([largest] + [end - start for start, end in zip(starts, ends)])
         per_file.append([_ChunkRead(index, chunk, starts[chunk], ends[chunk], chunk_pieces)
                          for chunk, chunk_pieces in _chunks(pieces, starts)])
-    pool = _PinnedPool(next(iter(devices)), page_span(largest)) if devices else None
+    pool = PinnedPool(next(iter(devices)), page_span(largest)) if devices else None
     direct = [open_direct(file.fd) if devices else None for file, *_ in files]
     jobs = [job for jobs_of_file in per_file for job in jobs_of_file] if devices else in_turn(per_file)
     passed = [False] * len(jobs)
@@ -589,6 +573,8 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
         for fd in direct:
             if fd is not None:
                 os.close(fd)
+        if pool is not None:
+            pool.close()
     return failed_chunks(len(files), [(job.file, job.chunk) for job in jobs], passed)
 
 
@@ -608,7 +594,7 @@ class _ChunkRead:
         return any(p.on_device for p in self.pieces)
 
 
-def _read_chunk(file: TensorFile, pieces: list[Piece], pool: _PinnedPool | None, checksum: Checksum) -> str:
+def _read_chunk(file: TensorFile, pieces: list[Piece], pool: PinnedPool | None, checksum: Checksum) -> str:
     """Read the pieces covering a chunk through the page cache (device pieces staged through a
     buffer of ``pool``); the digest of what was placed."""
     staging = pool.take() if pool is not None else None
