@@ -12,13 +12,13 @@ distsave's), ``committed`` (`load_model` as it is), or settings of distsave's GP
 by ``+``: ``threads`` (no kernel queue: the threaded block reader), ``depth=N`` (kernel reads in
 flight), ``block_kib=N``, ``placers=N`` (threads that hash and place chunks), ``held=N`` (chunks
 with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the kernel queue
-polls for ended reads instead of sleeping), ``submitters=N`` (the kernel queue split among N
-submitting threads, every N-th chunk each), ``ordered=N`` (N submitting threads, a kernel
-context each, that take the next blocks of one queue in file order), ``pin_memory`` (staging
-buffers from ``pin_memory`` on 4 KiB pages, as before the thirteenth round, instead of
-huge pages registered with CUDA: `distsave.saving.pinned`), ``uring`` (``io_uring`` with the buffers registered instead of kernel AIO:
-`uring_reads`), ``clock`` (the seconds and calls spent in ``io_submit`` and ``io_getevents``,
-recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
+polls for ended reads instead of sleeping), ``pin_memory`` (staging buffers from
+``pin_memory`` on 4 KiB pages, as before the thirteenth round, instead of huge pages registered
+with CUDA: `distsave.saving.pinned`), ``uring`` (``io_uring`` with the buffers registered
+instead of kernel AIO: `uring_reads`), ``clock`` (the seconds and calls spent in ``io_submit`` and ``io_getevents``,
+recorded as ``submit_s``/``submit_calls``/``reap_s``/...). The settings ``submitters=N`` and
+``ordered=N`` (several submitting threads), refuted in the twelfth and thirteenth rounds, are
+in this file as of commit e5490ed.
 Each distsave record also has the seconds spent inside ``read_files`` and ``load_model``.
 
 Use ``--cold files`` (the default, as checkpoint_io.py): dropping the whole page cache makes
@@ -42,8 +42,7 @@ PEERS = {"fst": "fastsafetensors", "fst-distsave": "fst-distsave"}
 
 
 # -- in the step's process ----------------------------------------------------------------------
-SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "submitters",
-            "ordered", "pin_memory", "uring", "clock")
+SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "pin_memory", "uring", "clock")
 
 
 def settings(variant: str) -> list[tuple[str, str]]:
@@ -77,10 +76,6 @@ def apply_variant(variant: str, phases: dict[str, float]) -> None:
             os.environ["DISTSAVE_IO_THREADS"] = value
         elif name == "spin":
             spin_on_reads()
-        elif name == "submitters":
-            submit_from_threads(int(value))
-        elif name == "ordered":
-            submit_in_order_from_threads(int(value))
         elif name == "pin_memory":
             from distsave.saving import pinned
             del pinned.mmap.MADV_HUGEPAGE  # this process only: `PinnedPool` falls back to pin_memory
@@ -104,115 +99,6 @@ def spin_on_reads() -> None:
         return ended
 
     KernelReads.reap = reap
-
-
-def submit_from_threads(count: int) -> None:
-    """Split the kernel queue among ``count`` submitting threads, each with its own context
-    (its share of the depth) and every ``count``-th chunk, all feeding the same placing threads:
-    what is left of the gap if one thread's turnaround between reads is what costs it."""
-    import collections
-    import threading
-
-    from distsave.saving.direct_reads import BlockReads
-
-    keep_in_flight = BlockReads._keep_in_flight
-
-    def split(self, kernel, pending, ready, buffers, errors) -> None:
-        order = {chunk: number for number, chunk in enumerate(dict.fromkeys(chunk for chunk, _ in pending))}
-        shares = [collections.deque(b for b in pending if order[b[0]] % count == i) for i in range(count)]
-
-        def submit(share) -> None:
-            own = type(kernel).open(kernel.depth // count)
-            try:
-                keep_in_flight(self, own, share, ready, buffers, errors)
-            except BaseException as error:  # raised by stream, as the placing threads' errors
-                errors.append(error)
-            finally:
-                own.close()
-
-        submitters = [threading.Thread(target=submit, args=(share,)) for share in shares]
-        for thread in submitters:
-            thread.start()
-        for thread in submitters:
-            thread.join()
-
-    BlockReads._keep_in_flight = split
-
-
-def submit_in_order_from_threads(count: int) -> None:
-    """Split the kernel queue among ``count`` threads, each with its own context (its share of
-    the depth), that all take the next blocks of the one queue in file order: a refill after
-    the disk ends a burst of reads runs ``count`` ways at once while the disk still sees the
-    file in order (as fastsafetensors' threads ask for it), unlike ``submitters``."""
-    import threading
-
-    from distsave.saving.direct_reads import BLOCK_BYTES, BlockReads
-
-    def shared(self, kernel, pending, ready, buffers, errors) -> None:
-        lock = threading.Lock()
-
-        def ended(chunk) -> None:
-            with lock:
-                chunk.blocks_left -= 1
-                complete = not chunk.blocks_left
-            if complete:
-                ready.put(chunk)
-
-        def next_block(permit: list[bool]):
-            """The next block, its chunk staged; None once the queue is empty, "wait" where a
-            chunk needs a buffer and none is free (the caller reaps, or blocks for one)."""
-            with lock:
-                if not pending:
-                    return None
-                chunk, at = pending[0]
-                if chunk.staging is None:
-                    if not (permit[0] or buffers.acquire(blocking=False)):
-                        return "wait"
-                    permit[0] = False
-                    self._stage(chunk)
-                return pending.popleft()
-
-        def run() -> None:
-            own, permit = type(kernel).open(kernel.depth // count), [False]
-            free, in_flight = list(range(own.depth)), {}
-            try:
-                while not errors:
-                    while free and (block := next_block(permit)) not in (None, "wait"):
-                        chunk, at = block
-                        length = min(BLOCK_BYTES, chunk.span - at)
-                        if chunk.refused:
-                            ended(chunk)
-                            continue
-                        slot = free.pop()
-                        own.submit(slot, chunk.fd, chunk.staging[0].data_ptr() + at, length, chunk.start + at)
-                        in_flight[slot] = (chunk, at, length)
-                    if not in_flight:
-                        if block is None:
-                            return
-                        while not buffers.acquire(timeout=0.05):  # for the next chunk it stages
-                            if errors:  # another thread stopped: its chunks may never free theirs
-                                return
-                        permit[0] = True
-                        continue
-                    for slot, result in own.reap(1):
-                        chunk, at, length = in_flight.pop(slot)
-                        free.append(slot)
-                        chunk.read_ended(at, length, result)
-                        ended(chunk)
-            except BaseException as error:  # raised by stream, as the placing threads' errors
-                errors.append(error)
-            finally:
-                own.close()
-                if permit[0]:
-                    buffers.release()
-
-        threads = [threading.Thread(target=run) for _ in range(count)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
-    BlockReads._keep_in_flight = shared
 
 
 def read_through_uring(phases: dict[str, float]) -> None:
