@@ -161,6 +161,12 @@ MUTATIONS = [
              "                header = self._headers[name]",
              "                header = parse_header(name, os.open(self.root / name, os.O_RDONLY), self._files[name][1])",
              ("tests/security/test_load_during_save.py",)),
+    Mutation("one-snapshot-mapped", "a mapped load racing a save maps the files it opened, never others",
+             "src/distsave/saving/snapshot.py",
+             "        jobs = [(self._headers[name], *self._digests(name)) for stem in stems for name in names[stem]]",
+             "        jobs = [(parse_header(name, os.open(self.root / name, os.O_RDONLY), self._files[name][1]), "
+             "*self._digests(name)) for stem in stems for name in names[stem]]",
+             ("tests/security/test_load_during_save.py",)),
     Mutation("signature-names", "signature names given to save are file names",
              "src/distsave/saving/signatures.py",
              "        resolved[check_signature_name(name)] = Signature(sig.fn, list(spec), sig.output_names or (",
