@@ -15,8 +15,9 @@ with a buffer at once), ``io_threads=N`` (DISTSAVE_IO_THREADS), ``spin`` (the ke
 polls for ended reads instead of sleeping), ``pin_memory`` (staging buffers from
 ``pin_memory`` on 4 KiB pages, as before the thirteenth round, instead of huge pages registered
 with CUDA: `distsave.saving.pinned`), ``uring`` (``io_uring`` with the buffers registered
-instead of kernel AIO: `uring_reads`), ``clock`` (the seconds and calls spent in ``io_submit`` and ``io_getevents``,
-recorded as ``submit_s``/``submit_calls``/``reap_s``/...). The settings ``submitters=N`` and
+instead of kernel AIO: `uring_reads`), ``clock`` (the seconds and calls spent in
+``io_submit`` and ``io_getevents``, recorded as ``submit_s``/``submit_calls``/``reap_s``/...).
+The settings ``submitters=N`` and
 ``ordered=N`` (several submitting threads), refuted in the twelfth and thirteenth rounds, are
 in this file as of commit e5490ed.
 Each distsave record also has the seconds spent inside ``read_files`` and ``load_model``.
@@ -42,7 +43,8 @@ PEERS = {"fst": "fastsafetensors", "fst-distsave": "fst-distsave"}
 
 
 # -- in the step's process ----------------------------------------------------------------------
-SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "pin_memory", "uring", "clock")
+SETTINGS = ("committed", "threads", "depth", "block_kib", "placers", "held", "io_threads", "spin", "pin_memory",
+            "uring", "clock")
 
 
 def settings(variant: str) -> list[tuple[str, str]]:

@@ -75,12 +75,12 @@ def test_a_flipped_byte_is_found_by_a_load_to_the_gpu(tmp_path):
 
 
 def test_staging_buffers_are_registered_with_cuda_until_their_pool_closes():
-    """Saves and loads stage through huge-page buffers registered with CUDA (page-locked, so
-    copies run asynchronously on the buffer's stream), reused while the pool lives, and
-    unregistered when it closes."""
+    """Loads stage through huge-page buffers registered with CUDA (page-locked, so copies run
+    asynchronously on the buffer's stream), reused while the pool lives, and unregistered when
+    it closes."""
     from distsave.saving.pinned import HUGE_PAGE_BYTES, PinnedPool
 
-    pool = PinnedPool(torch.device("cuda:0"), 3 * HUGE_PAGE_BYTES)
+    pool = PinnedPool(torch.device("cuda:0"), 3 * HUGE_PAGE_BYTES, huge_pages=True)
     buffer, stream = pool.take()
     assert buffer.is_pinned() and buffer.data_ptr() % HUGE_PAGE_BYTES == 0
     source = torch.randint(0, 256, (buffer.numel(),), dtype=torch.uint8, device="cuda:0")

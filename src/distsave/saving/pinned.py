@@ -9,6 +9,9 @@ memory on a 2 MiB boundary that the kernel is asked to back with huge pages
 load of 6.44 GB took 7% less time (benchmarks/RESULTS.md, thirteenth round). Where the kernel
 gives no huge pages the same buffers are plain pages, pinned the same way; on systems without
 ``MADV_HUGEPAGE`` (not Linux) they come from ``pin_memory``.
+
+A save's buffered writes pin nothing, so a save stages through ``pin_memory`` buffers, which
+torch keeps from one save to the next instead of registering new ones each time.
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ def huge_page_memory(size: int) -> torch.Tensor:
 
 class PinnedPool:
     """Reusable page-locked buffers of ``size`` bytes, each with its own CUDA stream, for
-    device <-> host copies that several threads run at once. `close` waits for each buffer's
-    copies and unregisters it."""
+    device <-> host copies that several threads run at once: on huge pages and registered with
+    CUDA where ``huge_pages`` (for ``O_DIRECT`` reads), else from ``pin_memory``. `close` waits
+    for each registered buffer's copies and unregisters it."""
 
-    def __init__(self, device: torch.device, size: int):
-        self.device, self.size = device, size
+    def __init__(self, device: torch.device, size: int, huge_pages: bool):
+        self.device, self.size, self.huge_pages = device, size, huge_pages
         self._free: list[tuple[torch.Tensor, torch.cuda.Stream]] = []
         self._registered: list[tuple[torch.Tensor, torch.cuda.Stream]] = []
         self._lock = threading.Lock()
@@ -51,7 +55,7 @@ class PinnedPool:
             if self._free:
                 return self._free.pop()
         stream = torch.cuda.Stream(self.device)
-        if not hasattr(mmap, "MADV_HUGEPAGE"):
+        if not (self.huge_pages and hasattr(mmap, "MADV_HUGEPAGE")):
             return torch.empty(self.size, dtype=torch.uint8, pin_memory=True), stream
         buffer = huge_page_memory(self.size)
         torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), self.size, 0))

@@ -256,7 +256,7 @@ def write_pieces(files: list[tuple[int, list[Piece]]]) -> list[list[Segment]]:
     inside one file (ext4 holds the file's lock), not across files.
     """
     devices = {p.source.device for _, pieces in files for p in pieces if p.on_device}
-    pool = PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES) if devices else None
+    pool = PinnedPool(next(iter(devices)), HASH_CHUNK_BYTES, huge_pages=False) if devices else None
 
     def write_segment(job: tuple[int, int, list[Piece]]) -> Segment:
         _, fd, segment = job
@@ -535,7 +535,7 @@ def read_files(files: list[tuple[TensorFile, dict[str, tuple[torch.Tensor, int]]
         largest = max([largest] + [end - start for start, end in zip(starts, ends)])
         per_file.append([_ChunkRead(index, chunk, starts[chunk], ends[chunk], chunk_pieces)
                          for chunk, chunk_pieces in _chunks(pieces, starts)])
-    pool = PinnedPool(next(iter(devices)), page_span(largest)) if devices else None
+    pool = PinnedPool(next(iter(devices)), page_span(largest), huge_pages=True) if devices else None
     direct = [open_direct(file.fd) if devices else None for file, *_ in files]
     jobs = [job for jobs_of_file in per_file for job in jobs_of_file] if devices else in_turn(per_file)
     passed = [False] * len(jobs)
